@@ -1,0 +1,51 @@
+# Every target sets up what it needs: `make demo` and `make test` work on a fresh clone.
+# Tools run from .venv/bin; nothing needs activating.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test lint bench clean
+
+help:
+	@echo "make demo   set up, then render the sample post's variants under var/"
+	@echo "make test   set up, lint, then run the tests (SQLite and PostgreSQL)"
+	@echo "make lint   ruff check, ruff format --check, mypy"
+	@echo "make bench  run the benchmarks"
+	@echo "make venv   create .venv and install mailer with its dev tools"
+	@echo "make clean  remove .venv, caches and var/ (the default SQLite database too)"
+
+venv: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+DEMO_POST := examples/posts/the-quiet-harbour.md
+DEMO_SLUG := the-quiet-harbour
+
+demo: venv
+	$(BIN)/mailer db upgrade
+	$(BIN)/mailer posts add $(DEMO_POST)
+	@for variant in free paid; do for format in html eml; do \
+		$(BIN)/mailer preview $(DEMO_SLUG) --variant $$variant --format $$format \
+			--out var/preview/$(DEMO_SLUG).$$variant.$$format || exit 1; \
+	done; done
+
+test: venv lint
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,17 @@
+"""``make bench``: every benchmark, printed as Markdown rows for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from bench import compose_bench
+from bench.machine import describe
+
+
+def main() -> None:
+    print(f"Machine: {describe()}\n")
+    print("| measure | value | note |\n|---|---:|---|")
+    for name, value, note in compose_bench.main():
+        print(f"| {name} | {value:.1f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

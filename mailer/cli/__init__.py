@@ -1,0 +1,37 @@
+"""The ``mailer`` command: one Typer app, one module per command group.
+
+Adding a group is two lines: import its module and ``app.add_typer(module.app)``.
+Commands stay thin (parse, call the library, print); ``main`` turns any ``MailerError``
+into one ``error: ...`` line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from mailer.cli import db, posts, preview
+from mailer.cli.common import remember_invocation
+from mailer.errors import MailerError
+
+app = typer.Typer(
+    name="mailer",
+    help="Self-hosted newsletter delivery: render once, personalise cheaply, deliver exactly once.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Expected failures are MailerErrors, reported in one line by main(); anything else is a
+    # bug, and a plain traceback serves it better than a pretty one.
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.callback()(remember_invocation)
+app.add_typer(db.app)
+app.add_typer(posts.app)
+app.command()(preview.preview)
+
+
+def main() -> None:
+    try:
+        app()
+    except MailerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,228 @@
+"""Settings, read once from ``MAILER_*`` environment variables and an optional ``.env`` file.
+
+This is the only module that reads the environment. Everything else receives a ``Settings``.
+A bad value raises ``ConfigError`` with one line that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import formataddr, parseaddr
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from dotenv import dotenv_values
+
+from mailer.errors import ConfigError
+
+PREFIX = "MAILER_"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    implicit_tls: bool = False
+    starttls: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    smtp: SmtpSettings
+    from_address: str
+    publication_name: str
+    postal_address: str
+    site_url: str
+    tracker_url: str
+    secret_keys: tuple[str, ...]
+
+    @property
+    def from_email(self) -> str:
+        return parseaddr(self.from_address)[1]
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("must not contain CR, LF or NUL")
+    return value.strip()
+
+
+def _database_url(value: str) -> str:
+    scheme = value.split(":", 1)[0].lower()
+    # Users write the URL their other tools take; we always talk to PostgreSQL through psycopg 3.
+    if scheme in ("postgres", "postgresql"):
+        return "postgresql+psycopg:" + value.split(":", 1)[1]
+    if scheme.startswith("sqlite") or scheme == "postgresql+psycopg":
+        return value
+    raise ValueError("must start with sqlite:/// or postgresql://")
+
+
+def _broker_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "memory") or (
+        parts.scheme != "memory" and not parts.hostname
+    ):
+        raise ValueError("must be redis://host:port/db (or rediss://)")
+    return value
+
+
+def _smtp_url(value: str) -> SmtpSettings:
+    parts = urlsplit(value)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise ValueError("must be smtp://[user:pass@]host[:port] or smtps://...")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    implicit = parts.scheme == "smtps"
+    query = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"starttls"}
+    if unknown:
+        raise ValueError(f"has unknown option {sorted(unknown)[0]!r} (known: starttls)")
+    if query.get("starttls", "false") not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("starttls must be true or false")
+    starttls = query.get("starttls", "false") in ("true", "1", "yes")
+    if implicit and starttls:
+        raise ValueError("smtps:// already uses TLS; drop ?starttls=true")
+    return SmtpSettings(
+        host=parts.hostname,
+        port=port or (465 if implicit else 25),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        implicit_tls=implicit,
+        starttls=starttls,
+    )
+
+
+def _address(value: str) -> str:
+    name, email = parseaddr(value)
+    local, _, domain = email.rpartition("@")
+    if not local or "." not in domain or any(ch in value for ch in "\r\n\0"):
+        raise ValueError("must be an address like 'Name <news@example.com>'")
+    return formataddr((name, email)) if name else email
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _secret_keys(value: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in value.split(","))
+    if not keys or any(len(k) < 16 for k in keys):
+        raise ValueError("each comma-separated key must be at least 16 characters")
+    return keys
+
+
+@dataclass(frozen=True)
+class Field:
+    env: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field(
+        "MAILER_DATABASE_URL",
+        "database_url",
+        _database_url,
+        "sqlite:///var/mailer.db",
+        "SQLAlchemy URL: SQLite file (WAL mode) or postgresql://user@host/db",
+    ),
+    Field(
+        "MAILER_BROKER_URL",
+        "broker_url",
+        _broker_url,
+        "redis://127.0.0.1:6379/0",
+        "Celery broker (Redis)",
+    ),
+    Field(
+        "MAILER_SMTP_URL",
+        "smtp",
+        _smtp_url,
+        "smtp://127.0.0.1:2525",
+        "smtp://user:pass@host:port; smtps:// for implicit TLS; ?starttls=true for STARTTLS",
+    ),
+    Field(
+        "MAILER_FROM",
+        "from_address",
+        _address,
+        "The Demo Dispatch <newsletter@example.com>",
+        "From header of every message",
+    ),
+    Field(
+        "MAILER_PUBLICATION_NAME",
+        "publication_name",
+        _text,
+        "The Demo Dispatch",
+        "Shown in the header and paywall",
+    ),
+    Field(
+        "MAILER_POSTAL_ADDRESS",
+        "postal_address",
+        _text,
+        "1 Example Street, Springfield, USA",
+        "Postal address in the footer (required by CAN-SPAM)",
+    ),
+    Field(
+        "MAILER_SITE_URL",
+        "site_url",
+        _http_url,
+        "https://example.com",
+        "Public site: /subscribe and /sign-in pages live there",
+    ),
+    Field(
+        "MAILER_TRACKER_URL",
+        "tracker_url",
+        _http_url,
+        "http://127.0.0.1:8080",
+        "Public base URL of the tracker (opens, clicks, unsubscribes)",
+    ),
+    Field(
+        "MAILER_SECRET_KEY",
+        "secret_keys",
+        _secret_keys,
+        "dev-only-secret-change-me",
+        "Comma-separated signing keys; the first signs, all verify (rotation)",
+    ),
+)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Build the settings: the environment wins over ``.env``, which wins over the defaults."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    known = {f.env for f in FIELDS}
+    # A misspelt variable would otherwise be ignored without a word.
+    unknown = sorted(k for k in values if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+    parsed: dict[str, Any] = {}
+    for field in FIELDS:
+        raw = values.get(field.env, field.default)
+        try:
+            parsed[field.attr] = field.parse(raw)
+        except ValueError as exc:
+            # Never echo a secret back: keys and SMTP passwords end up in logs.
+            shown = "" if field.attr in ("secret_keys", "smtp") else f" (got {raw!r})"
+            raise ConfigError(f"{field.env}: {exc}{shown}") from None
+    return Settings(**parsed)

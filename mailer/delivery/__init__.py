@@ -1,0 +1,1 @@
+"""Delivery: personalise composed messages and hand them to SMTP."""

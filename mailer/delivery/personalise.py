@@ -1,0 +1,116 @@
+"""Per-recipient personalisation: fill a composed message's tokens with a byte join.
+
+Everything that can be done once per variant is done in ``Personaliser.__init__``; per
+recipient there are only a few HMACs, tiny encodes and one ``bytes.join``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import html
+import re
+from dataclasses import dataclass
+from email.utils import format_datetime, formataddr
+
+from mailer.compose import MessageTemplate
+from mailer.tracking.tokens import Kind, SendSigner, Signer, varint
+
+NAME_FALLBACK = "reader"
+_URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url"})
+_QP_SAFE = re.compile(rb"[!-<>-~]{0,74}")  # printable ASCII but '=', short enough for one line
+
+
+@dataclass(frozen=True)
+class Recipient:
+    subscriber_id: int
+    email: str
+    name: str | None = None
+
+
+def _qp(value: bytes) -> bytes:
+    if _QP_SAFE.fullmatch(value):
+        return value
+    return binascii.b2a_qp(value, quotetabs=True, istext=False).replace(b"=\n", b"=\r\n")
+
+
+def _address(name: str, email: str) -> str:
+    if not name:
+        return email
+    if email.isascii():
+        return formataddr((name, email))  # RFC 2047-encodes a non-ASCII name
+    # An internationalised address can only travel as raw UTF-8 (RFC 6532, over SMTPUTF8).
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{quoted}" <{email}>'
+
+
+class Personaliser:
+    """Turns one ``MessageTemplate`` into the bytes each recipient gets."""
+
+    def __init__(
+        self,
+        template: MessageTemplate,
+        *,
+        send_id: int,
+        signer: Signer,
+        tracker_url: str,
+        now: dt.datetime | None = None,
+    ) -> None:
+        parts = re.split(f"@@{template.nonce}:([htm]):([a-z0-9_]+)@@".encode(), template.mime)
+        # The output list: literal pieces at even positions, each token's value at the odd ones.
+        self._skeleton = [b""] * (len(parts) // 3 * 2 + 1)
+        self._skeleton[0::2] = parts[0::3]
+        positions: dict[tuple[str, str], list[int]] = {}
+        for i, (ctx, name) in enumerate(zip(parts[1::3], parts[2::3], strict=True)):
+            positions.setdefault((ctx.decode(), name.decode()), []).append(2 * i + 1)
+        # Our own URLs are usually identical once QP- or HTML-encoded: fill those as they are.
+        plain = (
+            _QP_SAFE.fullmatch(f"{tracker_url}/c/{'x' * 40}".encode())
+            and html.escape(tracker_url) == tracker_url
+        )
+        self._as_is: dict[str, list[int]] = {}
+        self._encoded: list[tuple[str, str, list[int]]] = []
+        for (ctx, name), where in positions.items():
+            if ctx == "h" or (plain and (name in _URL_TOKENS or name.startswith("link_"))):
+                self._as_is.setdefault(name, []).extend(where)
+            else:
+                self._encoded.append((ctx, name, where))
+        self._names = {name for _, name in positions}
+        self._links = [(n, varint(int(n[5:]))) for n in self._names if n.startswith("link_")]
+        self._send_id = send_id
+        self._signer = SendSigner(signer, send_id)
+        self._tracker = tracker_url
+        self._date = format_datetime(now or dt.datetime.now(dt.UTC))
+
+    def values(self, recipient: Recipient) -> dict[str, str]:
+        """Each token's value for ``recipient``, before any encoding."""
+        sub = varint(recipient.subscriber_id)
+        sign = self._signer.sign
+        base = self._tracker
+        name = " ".join((recipient.name or "").split())  # no CR/LF can reach a header
+        values = {
+            "name": name or NAME_FALLBACK,
+            "email": recipient.email,
+            "to": _address(name, recipient.email),
+            "date": self._date,
+            "ids": f"{self._send_id}.{recipient.subscriber_id}",
+            "unsubscribe_url": f"{base}/u/{sign(Kind.UNSUBSCRIBE, sub)}",
+            "pixel_url": f"{base}/o/{sign(Kind.OPEN, sub)}.gif",
+        }
+        for name, link in self._links:
+            values[name] = f"{base}/c/{sign(Kind.CLICK, sub, link)}"
+        return values
+
+    def personalise(self, recipient: Recipient) -> bytes:
+        values = self.values(recipient)
+        out = self._skeleton.copy()
+        for name, where in self._as_is.items():
+            value = values[name].encode()
+            for i in where:
+                out[i] = value
+        for ctx, name, where in self._encoded:
+            raw = values[name]
+            value = _qp((html.escape(raw) if ctx == "m" else raw).encode())
+            for i in where:
+                out[i] = value
+        return b"".join(out)

@@ -1,0 +1,43 @@
+"""Previews: one variant, personalised for a sample reader, as the reader's client decodes it."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+from typing import Literal
+
+from mailer.compose import Composition, Variant
+from mailer.delivery.personalise import Personaliser, Recipient
+from mailer.tracking.tokens import Signer
+
+Format = Literal["html", "text", "eml"]
+SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")
+PREVIEW_SEND_ID = 0  # no send exists yet; the tracker will refuse to count these clicks
+
+
+def render_preview(
+    composition: Composition,
+    variant: Variant,
+    fmt: Format,
+    *,
+    signer: Signer,
+    tracker_url: str,
+    reader: Recipient = SAMPLE_READER,
+) -> bytes:
+    """The bytes of the preview: the whole message for ``eml``, else the decoded part."""
+    personaliser = Personaliser(
+        composition.variant(variant),
+        send_id=PREVIEW_SEND_ID,
+        signer=signer,
+        tracker_url=tracker_url,
+    )
+    message = personaliser.personalise(reader)
+    if fmt == "eml":
+        return message
+    # Decode it back as a mail client would, so the preview shows what readers get.
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    part = parsed.get_body(("html",) if fmt == "html" else ("plain",))
+    assert part is not None
+    return str(part.get_content()).encode("utf-8")

@@ -1,0 +1,57 @@
+"""Shared fixtures: a fresh database on each backend, migrated or not.
+
+PostgreSQL tests create a database of their own on the server at ``TEST_POSTGRES_URL``
+(default postgresql+psycopg://postgres@127.0.0.1:5432/test, used only as the admin
+connection) and drop it afterwards. Deselect them with ``-m "not postgres"``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+
+from mailer import db
+
+ADMIN_URL = make_url(
+    os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+).set(drivername="postgresql+psycopg")
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    # CREATE/DROP DATABASE cannot run inside a transaction.
+    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty database (nothing created in it yet)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'mailer.db'}"
+        return
+    admin: Engine = request.getfixturevalue("pg_admin")
+    name = f"mailer_t_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield ADMIN_URL.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            # FORCE: a connection the test leaked must not keep the database alive.
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """A migrated database, on each backend."""
+    db.upgrade(db_url)
+    migrated = db.connect(db_url)
+    yield migrated
+    migrated.dispose()

@@ -1,0 +1,270 @@
+"""The composer's structure, and personalised messages that decode to exactly what we expect."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import html
+import re
+import socket
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailer.compose import GMAIL_CLIP_BYTES, Composition, MessageTemplate, Publication, compose
+from mailer.delivery.personalise import Personaliser, Recipient
+from mailer.posts import Post, parse_post, parse_post_text
+from mailer.tracking.tokens import Kind, Signer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "posts" / "the-quiet-harbour.md"
+LONG = Path(__file__).parent / "data" / "long-post.md"
+PUB = Publication(
+    name="The Demo Dispatch",
+    postal_address="1 Example Street, Springfield",
+    site_url="https://example.com",
+    tracker_url="https://t.example.com",
+    from_address="The Demo Dispatch <news@example.com>",
+)
+SIGNER = Signer(["test-secret-key-0123456789"])
+READERS = [
+    Recipient(1, "ana@example.com", "Ana Lima"),
+    Recipient(2, "zoe@example.com", "Zoë Ångström-Øberg"),
+    Recipient(3, "kenji@example.jp", "山田 健二"),
+    Recipient(4, "noname@example.com", None),
+    Recipient(5, "quote@example.com", 'O\'Brien "<script>" & Sons'),
+    Recipient(987654321, "long@example.com", "Ä" * 120),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Rendering must never fetch anything: any connection attempt fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access during rendering: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+
+
+@pytest.fixture(scope="module")
+def sample() -> Post:
+    return parse_post(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def composed(sample: Post) -> Composition:
+    return compose(sample, PUB)
+
+
+def visible_text(markup: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+def plain(markdown: str) -> list[str]:
+    """Distinctive phrases of each paragraph of ``markdown``, as they appear in the email."""
+    phrases = []
+    for para in markdown.split("\n\n"):
+        words = re.sub(r"[^\w\s]", " ", re.sub(r"\]\([^)]*\)", "", para)).split()
+        if len(words) >= 6:
+            phrases.append(" ".join(words[1:6]))
+    return phrases
+
+
+def test_free_variant_stops_at_the_paywall(sample: Post, composed: Composition) -> None:
+    assert sample.free_body is not None
+    free_text = re.sub(r"[^\w\s]", " ", visible_text(composed.free.html))
+    free_text = " ".join(free_text.split())
+    below = sample.body[len(sample.free_body) :]
+    for phrase in plain(sample.free_body):
+        assert phrase in free_text
+    assert plain(below), "the sample post has text below its marker"
+    for phrase in plain(below):
+        assert phrase not in free_text
+        assert phrase not in " ".join(re.sub(r"[^\w\s]", " ", composed.free.text).split())
+
+
+def test_free_variant_has_the_paywall_block(composed: Composition) -> None:
+    text = visible_text(composed.free.html)
+    assert "Keep reading with a 7-day free trial" in text
+    assert (
+        "Subscribe to The Demo Dispatch to keep reading this post and get 7 days of free access "
+        "to the full post archives." in text
+    )
+    assert "Already a paid subscriber? Sign in" in text
+    assert "Keep reading with a 7-day free trial" in composed.free.text
+    # The button and the sign-in link go through click tracking to the site's pages.
+    assert "https://example.com/subscribe" in composed.links
+    assert "https://example.com/sign-in" in composed.links
+
+
+def test_paid_variant_has_everything_and_no_paywall(sample: Post, composed: Composition) -> None:
+    text = " ".join(re.sub(r"[^\w\s]", " ", visible_text(composed.paid.html)).split())
+    for phrase in plain(sample.body):
+        assert phrase in text
+    assert "Keep reading with a 7-day free trial" not in text
+    assert "Keep reading" not in composed.paid.text
+
+
+@pytest.mark.parametrize("variant", ["free", "paid"])
+def test_header_and_footer(sample: Post, composed: Composition, variant: str) -> None:
+    template = composed.free if variant == "free" else composed.paid
+    text = visible_text(template.html)
+    assert sample.title in text and sample.author and sample.author in text
+    assert sample.subtitle and sample.subtitle in text
+    assert "May 17, 2024" in text
+    for words in (
+        "The Demo Dispatch",
+        "1 Example Street, Springfield",
+        "Unsubscribe",
+        "Manage subscription",
+        "© 2024",
+    ):
+        assert words in text
+    assert sample.preheader and sample.preheader in template.html
+
+
+@pytest.mark.parametrize("variant", ["free", "paid"])
+def test_styles_are_inlined_and_nothing_is_remote(composed: Composition, variant: str) -> None:
+    markup = composed.variant(variant).html  # type: ignore[arg-type]
+    assert re.search(r'<p style="[^"]*margin', markup)
+    assert re.search(r'<a href="[^"]*" style="[^"]*color', markup)
+    assert "<link" not in markup and "@import" not in markup and "<script" not in markup
+    assert "googleapis" not in markup
+    # Only our own open pixel is loaded from outside; every src is a token.
+    sources = re.findall(r'\bsrc="([^"]*)"', markup)
+    assert sources and all(s.startswith("@@") for s in sources)
+    # Responsive rules survive inlining.
+    assert "@media" in markup
+
+
+def test_a_post_without_paywall_has_one_variant(sample: Post) -> None:
+    post = parse_post_text(
+        "---\ntitle: Open Letter\n---\n\nHello [there](https://x.org).\n", "t.md"
+    )
+    composition = compose(post, PUB)
+    assert composition.free is composition.paid
+    assert "Keep reading" not in composition.paid.html
+
+
+def test_long_post_stays_under_gmail_clipping() -> None:
+    post = parse_post(LONG)
+    assert len(post.body.split()) >= 2000
+    composition = compose(post, PUB)
+    personaliser = Personaliser(
+        composition.paid, send_id=10**9, signer=SIGNER, tracker_url=PUB.tracker_url
+    )
+    body = html_part(personaliser.personalise(READERS[-1])).encode()
+    assert len(body) < GMAIL_CLIP_BYTES
+
+
+def html_part(message: bytes) -> str:
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    part = parsed.get_body(("html",))
+    assert part is not None
+    return str(part.get_content())
+
+
+def expected(template: MessageTemplate, body: str, ctx: str, values: dict[str, str]) -> str:
+    def value(match: re.Match[str]) -> str:
+        raw = values[match.group(2)]
+        return html.escape(raw) if ctx == "m" else raw
+
+    assert {m.group(1) for m in template.markers.finditer(body)} == {ctx}
+    return template.markers.sub(value, body)
+
+
+@pytest.mark.parametrize("variant", ["free", "paid"])
+@pytest.mark.parametrize("reader", READERS, ids=lambda r: str(r.subscriber_id))
+def test_personalised_message_decodes_exactly(
+    composed: Composition, variant: str, reader: Recipient
+) -> None:
+    template = composed.variant(variant)  # type: ignore[arg-type]
+    when = dt.datetime(2026, 11, 26, 9, 30, tzinfo=dt.UTC)
+    personaliser = Personaliser(
+        template, send_id=77, signer=SIGNER, tracker_url=PUB.tracker_url, now=when
+    )
+    raw = personaliser.personalise(reader)
+    values = personaliser.values(reader)
+
+    assert raw.isascii(), "QP bodies and RFC 2047 headers keep the message 7-bit"
+    assert "@@" not in raw.decode()
+    lines = raw.split(b"\r\n")
+    assert not any(b"\n" in line or b"\r" in line for line in lines), "bare CR or LF"
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert max(len(line) for line in body.split(b"\r\n")) <= 76, "QP lines stay within 76"
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    assert not message.defects
+    assert message.get_content_type() == "multipart/alternative"
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    for part in parts:
+        assert not part.defects
+        assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert str(parts[0].get_content()).replace("\r\n", "\n") == expected(
+        template, template.text, "t", values
+    )
+    assert str(parts[1].get_content()).replace("\r\n", "\n") == expected(
+        template, template.html, "m", values
+    )
+
+    assert message["To"].addresses[0].addr_spec == reader.email
+    assert message["To"].addresses[0].display_name == " ".join((reader.name or "").split())
+    assert message["Subject"] == template.subject
+    assert message["Message-ID"] == f"<{template.nonce}.77.{reader.subscriber_id}@example.com>"
+    assert message["Date"].datetime == when
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert message["List-Unsubscribe"] == f"<{values['unsubscribe_url']}>"
+    assert f"because {reader.email} subscribed" in parts[0].get_content()
+
+
+def test_tokens_name_the_send_reader_and_link(composed: Composition) -> None:
+    reader = READERS[1]
+    personaliser = Personaliser(
+        composed.free, send_id=5, signer=SIGNER, tracker_url=PUB.tracker_url
+    )
+    markup = html_part(personaliser.personalise(reader))
+    clicks = re.findall(r'href="https://t\.example\.com/c/([\w-]+)"', markup)
+    assert clicks
+    urls = set()
+    for token in clicks:
+        parsed = SIGNER.verify(token)
+        assert parsed is not None and parsed.kind is Kind.CLICK
+        assert (parsed.send_id, parsed.subscriber_id) == (5, reader.subscriber_id)
+        urls.add(composed.links[parsed.link_no])
+    assert "https://example.com/subscribe" in urls
+    pixel = re.search(r'src="https://t\.example\.com/o/([\w-]+)\.gif"', markup)
+    assert pixel and SIGNER.verify(pixel.group(1)) is not None
+    # Nothing in the HTML leads anywhere without going through the tracker.
+    hrefs = re.findall(r'href="([^"]*)"', markup)
+    assert all(h.startswith("https://t.example.com/") for h in hrefs)
+
+
+def test_merge_tags_and_forged_markers() -> None:
+    post = parse_post_text(
+        "---\ntitle: Hello\n---\n\nDear {{ name }}, your address is {{email}}.\n\n"
+        "Fake @@0000:m:email@@ stays as written.\n",
+        "t.md",
+    )
+    composition = compose(post, PUB)
+    personaliser = Personaliser(
+        composition.paid, send_id=1, signer=SIGNER, tracker_url=PUB.tracker_url
+    )
+    markup = html_part(personaliser.personalise(Recipient(9, "a&b@example.com", "Zoë <Z>")))
+    assert "Dear Zoë &lt;Z&gt;, your address is a&amp;b@example.com." in markup
+    assert "Fake @@0000:m:email@@ stays as written." in markup
+    fallback = html_part(personaliser.personalise(Recipient(9, "x@example.com", None)))
+    assert "Dear reader," in fallback
+
+
+def test_markers_never_collide_between_compositions(sample: Post) -> None:
+    assert compose(sample, PUB).paid.nonce != compose(sample, PUB).paid.nonce

@@ -1,0 +1,165 @@
+"""Migrations, the migration check, posts persistence and SQLite's settings, on both backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from mailer import db
+from mailer.db.models import Base, SubscriberRow, exists_on
+from mailer.db.posts_repo import get_post, list_posts, save_post
+from mailer.errors import DatabaseError, NotFoundError
+from mailer.posts import Post
+
+PAID = Post(
+    slug="the-harbour",
+    title="The Harbour",
+    subtitle="Boats, mostly",
+    author="Ada Writer",
+    date=dt.date(2026, 3, 1),
+    audience="paid",
+    preheader="A quiet morning",
+    body="Above the fold.\n\nBelow the fold.",
+    free_body="Above the fold.",
+)
+FREE = Post(
+    slug="notes",
+    title="Notes",
+    subtitle=None,
+    author=None,
+    date=None,
+    audience="everyone",
+    preheader=None,
+    body="Just notes.",
+    free_body=None,
+)
+
+
+def test_upgrade_creates_every_table_and_is_idempotent(db_url: str) -> None:
+    db.upgrade(db_url)
+    db.upgrade(db_url)
+    engine = db.connect(db_url)
+    try:
+        db.check(engine)
+        assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
+    finally:
+        engine.dispose()
+
+
+def test_head_is_the_newest_migration_in_one_line() -> None:
+    script = ScriptDirectory(str(db.MIGRATIONS))
+    assert script.get_heads() == [db.head()], "migrations must form one numbered line"
+
+
+def test_migrations_match_the_models(engine: Engine) -> None:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "include_object": lambda obj, *_: exists_on(obj, conn.dialect.name),
+            },
+        )
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_unmigrated_database_is_refused(db_url: str) -> None:
+    engine = db.connect(db_url)
+    try:
+        with pytest.raises(DatabaseError, match=r"is not migrated; run `mailer db upgrade`"):
+            db.check(engine)
+    finally:
+        engine.dispose()
+
+
+def test_unreachable_server_is_one_clear_line_without_the_password() -> None:
+    engine = db.connect("postgresql+psycopg://mailer:s3cret@127.0.0.1:1/mailer")
+    with pytest.raises(DatabaseError) as caught:
+        db.check(engine)
+    message = str(caught.value)
+    assert message.startswith("cannot connect to database at postgresql+psycopg://mailer:***@")
+    assert "s3cret" not in message
+    assert "\n" not in message
+
+
+def test_save_get_list_and_upsert(engine: Engine) -> None:
+    with db.session(engine) as s:
+        assert save_post(s, PAID, source="posts/harbour.md") is True
+        assert save_post(s, FREE, source="posts/notes.md") is True
+    with db.session(engine) as s:
+        assert get_post(s, "the-harbour") == PAID
+        assert list_posts(s) == [PAID, FREE]  # dated first, newest first
+
+    changed = dataclasses.replace(PAID, title="The Harbour, Revised", free_body=None)
+    with db.session(engine) as s:
+        assert save_post(s, changed, source="posts/harbour.md") is False
+    with db.session(engine) as s:
+        assert get_post(s, "the-harbour") == changed
+        assert len(list_posts(s)) == 2
+
+
+def test_missing_post_names_the_slug(engine: Engine) -> None:
+    with db.session(engine) as s, pytest.raises(NotFoundError, match="'nope'"):
+        get_post(s, "nope")
+
+
+def test_a_failed_block_stores_nothing(engine: Engine) -> None:
+    with pytest.raises(RuntimeError), db.session(engine) as s:
+        save_post(s, FREE, source="notes.md")
+        raise RuntimeError("boom")
+    with db.session(engine) as s:
+        assert list_posts(s) == []
+
+
+def test_timestamps_come_back_as_utc(engine: Engine) -> None:
+    paris = dt.timezone(dt.timedelta(hours=1))
+    with db.session(engine) as s:
+        s.add(
+            _subscriber("ada@example.com", trial_ends_at=dt.datetime(2026, 5, 1, 13, tzinfo=paris))
+        )
+    with db.session(engine) as s:
+        row = s.scalars(select(SubscriberRow)).one()
+        assert row.trial_ends_at == dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)
+        assert row.trial_ends_at.tzinfo == dt.UTC
+        assert row.created_at.tzinfo == dt.UTC
+        assert row.tags == [] and row.tier == "free" and row.status == "active"
+
+
+def test_naive_timestamps_are_refused(engine: Engine) -> None:
+    with pytest.raises(StatementError, match="naive datetime"), db.session(engine) as s:
+        s.add(_subscriber("ada@example.com", trial_ends_at=dt.datetime(2026, 5, 1)))
+
+
+def test_email_key_is_unique(engine: Engine) -> None:
+    with db.session(engine) as s:
+        s.add(_subscriber("Ada@Example.com"))
+    with pytest.raises(IntegrityError), db.session(engine) as s:
+        s.add(_subscriber("ada@example.COM"))
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "mailer.db"
+    engine = db.connect(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+        assert path.is_file()
+    finally:
+        engine.dispose()
+
+
+def _subscriber(email: str, trial_ends_at: dt.datetime | None = None) -> SubscriberRow:
+    key = email.lower()
+    return SubscriberRow(
+        email=email, email_key=key, domain=key.rpartition("@")[2], trial_ends_at=trial_ends_at
+    )

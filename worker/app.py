@@ -1,0 +1,34 @@
+"""The Celery application, configured from ``MAILER_*`` settings.
+
+Start a worker with ``celery -A worker.app worker -E``.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from mailer.config import load_settings
+
+BATCH_TIMEOUT_S = 4 * 3600
+
+app = Celery("mailer", include=["worker.tasks"])
+app.conf.update(
+    broker_url=load_settings().broker_url,
+    # State lives in the database; tasks report nothing back through Celery.
+    task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    # Task events on, so Flower (and `celery events`) can follow every task.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # Tasks are idempotent (they re-read the ledger), so a task whose worker died is
+    # redelivered rather than lost: acknowledge only after it ran.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # One batch at a time per process: a prefetched batch would wait behind a slow one.
+    worker_prefetch_multiplier=1,
+    # Redis redelivers an unacknowledged task after this long; it must exceed the longest
+    # batch, or a batch still running would be handed to a second worker.
+    broker_transport_options={"visibility_timeout": BATCH_TIMEOUT_S},
+)
