@@ -83,18 +83,6 @@ def _one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
     return CheckConstraint(f"{column} IN ({listed})", name=column)
 
 
-def _only_on(dialect: str, index: Index) -> Index:
-    # Recorded in ``info`` too, so that migrations' autogenerate skips it on other backends.
-    index.info["only_on"] = dialect
-    return index.ddl_if(dialect=dialect)
-
-
-def exists_on(obj: Any, dialect: str) -> bool:
-    """Whether a schema object belongs on ``dialect``: some indexes exist on PostgreSQL only."""
-    info: dict[str, Any] = getattr(obj, "info", {})
-    return bool(info.get("only_on", dialect) == dialect)
-
-
 def _created() -> Mapped[dt.datetime]:
     # The server default also covers rows written by bulk paths that bypass the ORM (COPY).
     return mapped_column(UtcDateTime(), default=utcnow, server_default=func.current_timestamp())
@@ -148,7 +136,6 @@ class SubscriberRow(Base):
         Index(None, "status", "tier"),
         Index(None, "status", "created_at"),
         Index(None, "domain", "status"),
-        _only_on("postgresql", Index("ix_subscribers_tags_gin", "tags", postgresql_using="gin")),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -159,17 +146,28 @@ class SubscriberRow(Base):
     name: Mapped[str | None] = mapped_column(Text)
     tier: Mapped[Tier] = mapped_column(String(16), default="free", server_default="free")
     trial_ends_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
-    # JSON columns: assign a new list/dict to change them; in-place edits are not tracked.
-    tags: Mapped[list[str]] = mapped_column(Json, default=list, server_default=text("'[]'"))
     status: Mapped[SubscriberStatus] = mapped_column(
         String(16), default="active", server_default="active"
     )
     source: Mapped[str | None] = mapped_column(Text)
+    # JSON: assign a new dict to change it; in-place edits are not tracked.
     attributes: Mapped[dict[str, Any]] = mapped_column(
         Json, default=dict, server_default=text("'{}'")
     )
     created_at: Mapped[dt.datetime] = _created()
     updated_at: Mapped[dt.datetime] = _updated()
+
+
+class SubscriberTagRow(Base):
+    """One row per (reader, tag): `tag:` segments are an indexed lookup, not a JSON scan."""
+
+    __tablename__ = "subscriber_tags"
+    __table_args__ = (Index(None, "tag", "subscriber_id"),)
+
+    subscriber_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 class SubscriberEventRow(Base):

@@ -11,7 +11,7 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import JSON, Connection
 
-from mailer.db.models import Base, UtcDateTime, exists_on
+from mailer.db.models import Base, UtcDateTime
 
 config = context.config
 
@@ -38,7 +38,6 @@ def run_migrations_online() -> None:
         render_as_batch=True,
         compare_type=True,
         render_item=_render_item,
-        include_object=lambda obj, *_: exists_on(obj, connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -89,12 +89,6 @@ def upgrade() -> None:
         sa.Column("name", sa.Text(), nullable=True),
         sa.Column("tier", sa.String(length=16), server_default="free", nullable=False),
         sa.Column("trial_ends_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column(
-            "tags",
-            sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
-            server_default=sa.text("'[]'"),
-            nullable=False,
-        ),
         sa.Column("status", sa.String(length=16), server_default="active", nullable=False),
         sa.Column("source", sa.Text(), nullable=True),
         sa.Column(
@@ -137,11 +131,26 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_subscribers_status_tier"), "subscribers", ["status", "tier"], unique=False
     )
-    if op.get_bind().dialect.name == "postgresql":
-        # Only PostgreSQL can index into JSON for `tag:` segments (tags @> '["x"]').
-        op.create_index(
-            "ix_subscribers_tags_gin", "subscribers", ["tags"], unique=False, postgresql_using="gin"
-        )
+    op.create_table(
+        "subscriber_tags",
+        sa.Column(
+            "subscriber_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("tag", sa.String(length=100), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["subscriber_id"],
+            ["subscribers.id"],
+            name=op.f("fk_subscriber_tags_subscriber_id_subscribers"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("subscriber_id", "tag", name=op.f("pk_subscriber_tags")),
+    )
+    op.create_index(
+        op.f("ix_subscriber_tags_tag_subscriber_id"),
+        "subscriber_tags",
+        ["tag", "subscriber_id"],
+        unique=False,
+    )
 
     op.create_table(
         "suppressions",
@@ -356,6 +365,7 @@ def downgrade() -> None:
     op.drop_table("sends")
     op.drop_table("tracking_events")
     op.drop_table("suppressions")
+    op.drop_table("subscriber_tags")
     op.drop_table("subscribers")
     op.drop_table("segments")
     op.drop_table("posts")
