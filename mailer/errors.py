@@ -39,3 +39,11 @@ class TransientDeliveryError(DeliveryError, ConnectionError):
 
 class PermanentDeliveryError(DeliveryError):
     """Never worth retrying: 5xx replies to RCPT or DATA."""
+
+
+class SegmentError(InputError):
+    """A segment expression is invalid; the message points at the column."""
+
+    def __init__(self, message: str, column: int | None = None) -> None:
+        super().__init__(message)
+        self.column = column
