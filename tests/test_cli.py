@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import subprocess
@@ -150,3 +152,53 @@ def test_bad_setting_names_the_variable(tmp_path: Path, name: str, value: str) -
     result = mailer(tmp_path, "posts", "list", **{name: value})
     assert_one_error_line(result, f"error: {name}: ")
     assert not (tmp_path / "var").exists()  # refused before touching anything
+
+
+def test_preview_every_variant_and_format(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    env = {"MAILER_DATABASE_URL": db_url, "MAILER_TRACKER_URL": "https://t.example.com"}
+    (tmp_path / "post.md").write_text(PAID_POST)
+    assert mailer(tmp_path, "posts", "add", "post.md", **env).returncode == 0
+
+    free = mailer(tmp_path, "preview", "the-quiet-harbour", "--name", "Zoë Ångström", **env)
+    assert free.returncode == 0, free.stderr
+    assert "Above the fold." in free.stdout and "Below the fold." not in free.stdout
+    assert "Keep reading with a 7-day free trial" in free.stdout
+    assert 'href="https://t.example.com/c/' in free.stdout
+
+    text = mailer(
+        tmp_path, "preview", "the-quiet-harbour", "--variant", "paid", "--format", "text", **env
+    )
+    assert text.returncode == 0, text.stderr
+    assert "Below the fold." in text.stdout and "<p" not in text.stdout
+
+    out = tmp_path / "deep" / "dir" / "paid.eml"
+    eml = mailer(
+        tmp_path,
+        "preview",
+        "the-quiet-harbour",
+        "--variant",
+        "paid",
+        "--format",
+        "eml",
+        "--out",
+        str(out),
+        **env,
+    )
+    assert eml.returncode == 0, eml.stderr
+    assert eml.stdout.strip() == str(out)
+    message = email.message_from_bytes(out.read_bytes(), policy=email.policy.default)
+    assert message["Subject"] == "The Quiet Harbour"
+    assert message["To"] == "Sample Reader <reader@example.com>"
+    assert not list(out.parent.glob(".*")), "no temporary file is left behind"
+
+
+def test_preview_refuses_bad_input(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    env = {"MAILER_DATABASE_URL": db_url}
+    assert_one_error_line(mailer(tmp_path, "preview", "no-such-post", **env), "no-such-post")
+    bad = mailer(tmp_path, "preview", "x", "--variant", "gold", **env)
+    assert bad.returncode == 2 and "--variant" in bad.stderr and bad.stdout == ""
+    (tmp_path / "post.md").write_text(PAID_POST)
+    assert mailer(tmp_path, "posts", "add", "post.md", **env).returncode == 0
+    (tmp_path / "file").write_text("")
+    blocked = mailer(tmp_path, "preview", "the-quiet-harbour", "--out", "file/x.html", **env)
+    assert_one_error_line(blocked, "--out file/x.html")

@@ -1,0 +1,98 @@
+"""Settings: read once from MAILER_* and .env; a bad value is one line naming the variable."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mailer.config import FIELDS, SmtpSettings, load_settings
+from mailer.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_need_nothing(tmp_path: Path) -> None:
+    settings = load_settings({}, env_file=tmp_path / ".env")
+    assert settings.database_url == "sqlite:///var/mailer.db"
+    assert settings.broker_url == "redis://127.0.0.1:6379/0"
+    assert settings.smtp == SmtpSettings(host="127.0.0.1", port=2525)
+    assert settings.from_email == "newsletter@example.com"
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "MAILER_PUBLICATION_NAME=From Dotenv\nMAILER_POSTAL_ADDRESS='2 Dotenv Road'\n"
+    )
+    settings = load_settings({"MAILER_PUBLICATION_NAME": "From Env"}, env_file=env_file)
+    assert settings.publication_name == "From Env"
+    assert settings.postal_address == "2 Dotenv Road"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("smtp://mail.example.com", SmtpSettings("mail.example.com", 25)),
+        (
+            "smtp://u%40x:p%3Aw@mail.example.com:587?starttls=true",
+            SmtpSettings("mail.example.com", 587, "u@x", "p:w", starttls=True),
+        ),
+        ("smtps://u:p@mail.example.com", SmtpSettings("mail.example.com", 465, "u", "p", True)),
+    ],
+)
+def test_smtp_urls(url: str, expected: SmtpSettings) -> None:
+    assert load_settings({"MAILER_SMTP_URL": url}, env_file=None).smtp == expected
+
+
+def test_postgres_urls_use_psycopg() -> None:
+    url = load_settings({"MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None).database_url
+    assert url == "postgresql+psycopg://u@h/db"
+
+
+def test_secret_keys_rotate() -> None:
+    settings = load_settings({"MAILER_SECRET_KEY": "new-key-0123456789, old-key-0123456789"}, None)
+    assert settings.secret_keys == ("new-key-0123456789", "old-key-0123456789")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAILER_DATABASE_URL", "mysql://x"),
+        ("MAILER_BROKER_URL", "amqp://x"),
+        ("MAILER_SMTP_URL", "http://mail.example.com"),
+        ("MAILER_SMTP_URL", "smtps://h?starttls=true"),
+        ("MAILER_SMTP_URL", "smtp://h:99999"),
+        ("MAILER_SMTP_URL", "smtp://h?tls=1"),
+        ("MAILER_FROM", "not an address"),
+        ("MAILER_FROM", "A <a@b.com>\r\nBcc: x@y.com"),
+        ("MAILER_PUBLICATION_NAME", "  "),
+        ("MAILER_POSTAL_ADDRESS", "line\nbreak"),
+        ("MAILER_SITE_URL", "example.com"),
+        ("MAILER_TRACKER_URL", "ftp://t.example.com"),
+        ("MAILER_SECRET_KEY", "short"),
+        ("MAILER_SMPT_URL", "smtp://typo"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value}, env_file=None)
+    message = str(caught.value)
+    assert message.startswith(f"{name}: ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MAILER_SECRET_KEY", "tiny,secret"), ("MAILER_SMTP_URL", "smtp://u:hunter2@:25")],
+)
+def test_secrets_are_never_echoed(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value}, env_file=None)
+    assert "hunter2" not in str(caught.value) and "tiny" not in str(caught.value)
+
+
+def test_readme_documents_every_variable() -> None:
+    table = set(re.findall(r"^\| `(MAILER_[A-Z_]+)` \|", README.read_text(), re.MULTILINE))
+    assert table == {field.env for field in FIELDS}
