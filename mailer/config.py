@@ -7,6 +7,7 @@ A bad value raises ``ConfigError`` with one line that names the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formataddr, parseaddr
@@ -42,6 +43,16 @@ class Settings:
     site_url: str
     tracker_url: str
     secret_keys: tuple[str, ...]
+    smtp_concurrency: int
+    smtp_connect_timeout: float
+    smtp_command_timeout: float
+    smtp_data_timeout: float
+    rate_limit: float  # messages per second across all workers; 0: no limit
+    domain_limits: tuple[tuple[str, float], ...]  # (recipient domain, messages per second)
+    retry_attempts: int
+    retry_max_age: float  # seconds
+    batch_size: int
+    batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
 
     @property
     def from_email(self) -> str:
@@ -127,6 +138,51 @@ def _secret_keys(value: str) -> tuple[str, ...]:
     return keys
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(value: str) -> float:
+    """Seconds from '30', '30s', '500ms', '15m', '24h' or '2d'."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("must be a positive duration such as 30s, 15m or 24h")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _rate(value: str) -> float:
+    """Messages per second from '50', '50/s', '600/m' or '10000/h'; 0 means no limit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?\s*", value)
+    if not match:
+        raise ValueError("must be a rate such as 50/s, 600/m or 0 for no limit")
+    return float(match.group(1)) / _UNITS[match.group(2) or "s"]
+
+
+def _domain_limits(value: str) -> tuple[tuple[str, float], ...]:
+    limits: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        domain, sep, rate = item.partition("=")
+        domain = domain.strip().lower()
+        if not sep or not re.fullmatch(r"[a-z0-9.-]+\.[a-z0-9-]+", domain):
+            raise ValueError(f"{item!r} is not domain=rate, e.g. gmail.com=50/s")
+        limits[domain] = _rate(rate)
+        if limits[domain] <= 0:
+            raise ValueError(f"{item!r}: a domain limit must be above 0")
+    return tuple(limits.items())
+
+
 @dataclass(frozen=True)
 class Field:
     env: str
@@ -199,6 +255,76 @@ FIELDS: tuple[Field, ...] = (
         _secret_keys,
         "dev-only-secret-change-me",
         "Comma-separated signing keys; the first signs, all verify (rotation)",
+    ),
+    Field(
+        "MAILER_SMTP_CONCURRENCY",
+        "smtp_concurrency",
+        _int_between(1, 500),
+        "16",
+        "SMTP connections per worker process",
+    ),
+    Field(
+        "MAILER_SMTP_CONNECT_TIMEOUT",
+        "smtp_connect_timeout",
+        _duration,
+        "10s",
+        "Connecting, TLS and greeting",
+    ),
+    Field(
+        "MAILER_SMTP_COMMAND_TIMEOUT",
+        "smtp_command_timeout",
+        _duration,
+        "30s",
+        "Each SMTP command's reply",
+    ),
+    Field(
+        "MAILER_SMTP_DATA_TIMEOUT",
+        "smtp_data_timeout",
+        _duration,
+        "120s",
+        "The reply to the end of a message's data",
+    ),
+    Field(
+        "MAILER_RATE_LIMIT",
+        "rate_limit",
+        _rate,
+        "0",
+        "Messages per second across all workers (kept in Redis); 0 for no limit",
+    ),
+    Field(
+        "MAILER_DOMAIN_LIMITS",
+        "domain_limits",
+        _domain_limits,
+        "",
+        "Per recipient domain, e.g. gmail.com=50/s,yahoo.com=20/s",
+    ),
+    Field(
+        "MAILER_RETRY_ATTEMPTS",
+        "retry_attempts",
+        _int_between(1, 100),
+        "6",
+        "Attempts per recipient before a deferred message fails",
+    ),
+    Field(
+        "MAILER_RETRY_MAX_AGE",
+        "retry_max_age",
+        _duration,
+        "24h",
+        "How long after a send starts a deferred message may still be retried",
+    ),
+    Field(
+        "MAILER_BATCH_SIZE",
+        "batch_size",
+        _int_between(1, 100_000),
+        "500",
+        "Recipients per batch task",
+    ),
+    Field(
+        "MAILER_BATCH_LEASE",
+        "batch_lease",
+        _duration,
+        "60s",
+        "How long a batch stays with a worker that stopped answering before another takes it",
     ),
 )
 

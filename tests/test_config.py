@@ -46,6 +46,22 @@ def test_smtp_urls(url: str, expected: SmtpSettings) -> None:
     assert load_settings({"MAILER_SMTP_URL": url}, env_file=None).smtp == expected
 
 
+def test_rates_durations_and_domain_limits() -> None:
+    settings = load_settings(
+        {
+            "MAILER_RATE_LIMIT": "600/m",
+            "MAILER_DOMAIN_LIMITS": "gmail.com=50/s, Yahoo.com=36000/h",
+            "MAILER_RETRY_MAX_AGE": "2h",
+            "MAILER_BATCH_LEASE": "500ms",
+        },
+        env_file=None,
+    )
+    assert settings.rate_limit == 10
+    assert settings.domain_limits == (("gmail.com", 50), ("yahoo.com", 10))
+    assert settings.retry_max_age == 7200
+    assert settings.batch_lease == 0.5
+
+
 def test_postgres_urls_use_psycopg() -> None:
     url = load_settings({"MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None).database_url
     assert url == "postgresql+psycopg://u@h/db"
@@ -73,6 +89,15 @@ def test_secret_keys_rotate() -> None:
         ("MAILER_TRACKER_URL", "ftp://t.example.com"),
         ("MAILER_SECRET_KEY", "short"),
         ("MAILER_SMPT_URL", "smtp://typo"),
+        ("MAILER_SMTP_CONCURRENCY", "0"),
+        ("MAILER_SMTP_DATA_TIMEOUT", "soon"),
+        ("MAILER_RATE_LIMIT", "fast"),
+        ("MAILER_DOMAIN_LIMITS", "gmail.com"),
+        ("MAILER_DOMAIN_LIMITS", "gmail.com=0"),
+        ("MAILER_RETRY_ATTEMPTS", "many"),
+        ("MAILER_RETRY_MAX_AGE", "-1h"),
+        ("MAILER_BATCH_SIZE", "0"),
+        ("MAILER_BATCH_LEASE", "0s"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
