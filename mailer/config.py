@@ -51,6 +51,7 @@ class Settings:
     domain_limits: tuple[tuple[str, float], ...]  # (recipient domain, messages per second)
     retry_attempts: int
     retry_max_age: float  # seconds
+    retry_backoff: float  # seconds before the first retry; doubles with each attempt
     batch_size: int
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
 
@@ -311,6 +312,13 @@ FIELDS: tuple[Field, ...] = (
         _duration,
         "24h",
         "How long after a send starts a deferred message may still be retried",
+    ),
+    Field(
+        "MAILER_RETRY_BACKOFF",
+        "retry_backoff",
+        _duration,
+        "1m",
+        "Wait before the first retry of a deferred message; doubles each attempt, up to 1h",
     ),
     Field(
         "MAILER_BATCH_SIZE",

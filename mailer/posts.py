@@ -122,7 +122,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _derive_slug(title: str) -> str:
+def slugify(title: str) -> str:
     """ASCII, lowercase, hyphen-separated; '' when the title has no ASCII letters or digits."""
     # NFKD drops letters with no decomposition (ß, Ø, Æ...); spell those out first.
     spelled = title.translate(_SPELLED_OUT)
@@ -239,7 +239,7 @@ def _date(meta: dict[str, Any], source: str) -> dt.date | None:
 def _slug(meta: dict[str, Any], title: str, source: str) -> str:
     value = meta.get("slug")
     if value is None or value == "":
-        slug = _derive_slug(title)
+        slug = slugify(title)
         if not slug:
             _fail(
                 source,

@@ -17,7 +17,7 @@ import pytest
 from mailer.compose import GMAIL_CLIP_BYTES, Composition, MessageTemplate, Publication, compose
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post, parse_post_text
-from mailer.tracking.tokens import Kind, Signer
+from mailer.tracking.tokens import Kind, Signer, Token
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "posts" / "the-quiet-harbour.md"
@@ -221,9 +221,16 @@ def test_personalised_message_decodes_exactly(
     assert message["To"].addresses[0].display_name == " ".join((reader.name or "").split())
     assert message["Subject"] == template.subject
     assert message["Message-ID"] == f"<{template.nonce}.77.{reader.subscriber_id}@example.com>"
+    assert personaliser.message_id(reader) == message["Message-ID"]
     assert message["Date"].datetime == when
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-    assert message["List-Unsubscribe"] == f"<{values['unsubscribe_url']}>"
+    token = values["unsubscribe_token"]
+    assert message["List-Unsubscribe"] == (
+        f"<{values['unsubscribe_url']}>, <mailto:unsubscribe+{token}@example.com>"
+    )
+    assert message["List-Id"] == "The Demo Dispatch <the-demo-dispatch.example.com>"
+    assert message["Feedback-ID"] == f"77:{variant}:newsletter:the-demo-dispatch.example.com"
+    assert personaliser.envelope_sender(reader).endswith("@example.com")
     assert f"because {reader.email} subscribed" in parts[0].get_content()
 
 
@@ -242,6 +249,8 @@ def test_tokens_name_the_send_reader_and_link(composed: Composition) -> None:
         assert (parsed.send_id, parsed.subscriber_id) == (5, reader.subscriber_id)
         urls.add(composed.links[parsed.link_no])
     assert "https://example.com/subscribe" in urls
+    bounce = personaliser.envelope_sender(reader).split("+", 1)[1].split("@")[0]
+    assert SIGNER.verify(bounce) == Token(Kind.BOUNCE, 5, reader.subscriber_id)
     pixel = re.search(r'src="https://t\.example\.com/o/([\w-]+)\.gif"', markup)
     assert pixel and SIGNER.verify(pixel.group(1)) is not None
     # Nothing in the HTML leads anywhere without going through the tracker.

@@ -24,7 +24,7 @@ from premailer import Premailer
 
 from mailer.compose import markdown, mime
 from mailer.config import Settings
-from mailer.posts import Post
+from mailer.posts import Post, slugify
 
 Variant = Literal["free", "paid"]
 VARIANTS: tuple[Variant, ...] = ("free", "paid")
@@ -178,16 +178,25 @@ def _variant(
     )
     text = re.sub(r"\n{3,}", "\n\n", text)  # optional blocks leave blank runs
 
-    header_token = tokens("h") | {n: marker.format(ctx="h", name=n) for n in ("to", "date", "ids")}
+    header_token = {
+        n: marker.format(ctx="h", name=n)
+        for n in ("to", "date", "ids", "send", "unsubscribe_url", "unsubscribe_token")
+    }
     from_domain = parseaddr(pub.from_address)[1].rpartition("@")[2]
+    list_id = f"{slugify(pub.name) or 'newsletter'}.{from_domain}"
     headers = [
         mime.header("From", pub.from_address),
         f"To: {header_token['to']}\r\n",
         mime.header("Subject", post.title),
         f"Date: {header_token['date']}\r\n",
         f"Message-ID: <{nonce}.{header_token['ids']}@{from_domain}>\r\n",
-        f"List-Unsubscribe: <{header_token['unsubscribe_url']}>\r\n",
+        mime.header("List-Id", f"{pub.name} <{list_id}>"),
+        # RFC 8058 one-click (https) first; mailto for clients that only know RFC 2369.
+        f"List-Unsubscribe: <{header_token['unsubscribe_url']}>,\r\n"
+        f" <mailto:unsubscribe+{header_token['unsubscribe_token']}@{from_domain}>\r\n",
         "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        # Gmail's Feedback Loop groups complaints by these fields: send, variant, type, sender.
+        f"Feedback-ID: {header_token['send']}:{variant}:newsletter:{list_id}\r\n",
     ]
     message = mime.build(headers, text, html, f"=_mailer_{nonce}", mime.marker_pattern(nonce))
     return MessageTemplate(

@@ -245,8 +245,27 @@ class SendVariantRow(Base):
     )
     variant: Mapped[Variant] = mapped_column(String(16), primary_key=True)
     subject: Mapped[str] = mapped_column(Text)
+    nonce: Mapped[str] = mapped_column(String(32))  # the template's marker nonce
     template: Mapped[bytes] = mapped_column(LargeBinary)
     html_size: Mapped[int] = mapped_column(Integer)
+
+
+class SendBatchRow(Base):
+    """A batch of a send's ledger, leased to one worker at a time.
+
+    The lease makes a second copy of the same batch task (redelivered, or enqueued again by
+    resume or the reconciler) wait instead of racing; a lease left by a killed worker expires,
+    and its rows still marked ``sending`` were in flight: they become ``unknown``.
+    """
+
+    __tablename__ = "send_batches"
+
+    send_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("sends.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
 
 
 class DeliveryRow(Base):

@@ -11,7 +11,7 @@ import datetime as dt
 import html
 import re
 from dataclasses import dataclass
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime, formataddr, parseaddr
 
 from mailer.compose import MessageTemplate
 from mailer.tracking.tokens import Kind, SendSigner, Signer, varint
@@ -42,6 +42,13 @@ def _address(name: str, email: str) -> str:
     # An internationalised address can only travel as raw UTF-8 (RFC 6532, over SMTPUTF8).
     quoted = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{quoted}" <{email}>'
+
+
+def _header(head: str, name: str) -> str:
+    found = re.search(rf"^{name}: (.*)\r$", head, re.MULTILINE)
+    if found is None:
+        raise ValueError(f"the template has no {name} header")
+    return found.group(1)
 
 
 class Personaliser:
@@ -81,12 +88,28 @@ class Personaliser:
         self._signer = SendSigner(signer, send_id)
         self._tracker = tracker_url
         self._date = format_datetime(now or dt.datetime.now(dt.UTC))
+        # Message-ID is the template's header with the send and reader filled in.
+        head = template.mime.split(b"\r\n\r\n", 1)[0].decode()
+        self._message_id = _header(head, "Message-ID").replace(
+            f"@@{template.nonce}:h:ids@@", f"{send_id}.{{subscriber}}"
+        )
+        self._bounce_domain = parseaddr(_header(head, "From"))[1].rpartition("@")[2]
+
+    def message_id(self, recipient: Recipient) -> str:
+        """The Message-ID this recipient's message carries: the same on every retry."""
+        return self._message_id.format(subscriber=recipient.subscriber_id)
+
+    def envelope_sender(self, recipient: Recipient) -> str:
+        """A VERP return path, ``bounces+TOKEN@domain``: a bounce names its send and reader."""
+        token = self._signer.sign(Kind.BOUNCE, varint(recipient.subscriber_id))
+        return f"bounces+{token}@{self._bounce_domain}"
 
     def values(self, recipient: Recipient) -> dict[str, str]:
         """Each token's value for ``recipient``, before any encoding."""
         sub = varint(recipient.subscriber_id)
         sign = self._signer.sign
         base = self._tracker
+        unsubscribe = sign(Kind.UNSUBSCRIBE, sub)
         name = " ".join((recipient.name or "").split())  # no CR/LF can reach a header
         values = {
             "name": name or NAME_FALLBACK,
@@ -94,7 +117,9 @@ class Personaliser:
             "to": _address(name, recipient.email),
             "date": self._date,
             "ids": f"{self._send_id}.{recipient.subscriber_id}",
-            "unsubscribe_url": f"{base}/u/{sign(Kind.UNSUBSCRIBE, sub)}",
+            "send": str(self._send_id),
+            "unsubscribe_token": unsubscribe,
+            "unsubscribe_url": f"{base}/u/{unsubscribe}",
             "pixel_url": f"{base}/o/{sign(Kind.OPEN, sub)}.gif",
         }
         for name, link in self._links:

@@ -24,6 +24,7 @@ class Kind(IntEnum):
     CLICK = 2
     UNSUBSCRIBE = 3
     REF = 4  # carried from the paywall button to the subscribe page
+    BOUNCE = 5  # in the VERP envelope sender, so a bounce names its send and reader
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,7 @@ def upgrade() -> None:
         sa.Column("send_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("variant", sa.String(length=16), nullable=False),
         sa.Column("subject", sa.Text(), nullable=False),
+        sa.Column("nonce", sa.String(length=32), nullable=False),
         sa.Column("template", sa.LargeBinary(), nullable=False),
         sa.Column("html_size", sa.Integer(), nullable=False),
         sa.CheckConstraint("variant IN ('free', 'paid')", name=op.f("ck_send_variants_variant")),
@@ -310,6 +311,20 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("send_id", "variant", name=op.f("pk_send_variants")),
+    )
+    op.create_table(
+        "send_batches",
+        sa.Column("send_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("batch_no", sa.Integer(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["send_id"],
+            ["sends.id"],
+            name=op.f("fk_send_batches_send_id_sends"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("send_id", "batch_no", name=op.f("pk_send_batches")),
     )
     op.create_table(
         "subscriber_events",
@@ -359,6 +374,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Dropping a table drops its indexes; children before parents.
     op.drop_table("subscriber_events")
+    op.drop_table("send_batches")
     op.drop_table("send_variants")
     op.drop_table("links")
     op.drop_table("deliveries")
