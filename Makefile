@@ -34,6 +34,8 @@ demo: venv
 		$(BIN)/mailer preview $(DEMO_SLUG) --variant $$variant --format $$format \
 			--out var/preview/$(DEMO_SLUG).$$variant.$$format || exit 1; \
 	done; done
+	$(BIN)/python examples/make_sample_list.py var/sample-readers.csv
+	$(BIN)/mailer subscribers import var/sample-readers.csv
 
 test: venv lint
 	$(BIN)/pytest

@@ -31,4 +31,8 @@ app.conf.update(
     # Redis redelivers an unacknowledged task after this long; it must exceed the longest
     # batch, or a batch still running would be handed to a second worker.
     broker_transport_options={"visibility_timeout": BATCH_TIMEOUT_S},
+    beat_schedule={
+        "reconcile": {"task": "mailer.reconcile", "schedule": 30.0},
+        "start-scheduled-sends": {"task": "mailer.start_scheduled", "schedule": 15.0},
+    },
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mailer.cli import db, posts, preview
+from mailer.cli import db, posts, preview, segments, sends, subscribers
 from mailer.cli.common import remember_invocation
 from mailer.errors import MailerError
 
@@ -26,7 +26,11 @@ app = typer.Typer(
 app.callback()(remember_invocation)
 app.add_typer(db.app)
 app.add_typer(posts.app)
+app.add_typer(subscribers.app)
+app.add_typer(segments.app)
 app.command()(preview.preview)
+app.command()(sends.send)
+app.add_typer(sends.app)
 
 
 def main() -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import typer
 from sqlalchemy import Engine
 
 from mailer import db
 from mailer.config import Settings, load_settings
+
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")
+]
 
 _SETTINGS = "mailer.settings"
 _ENGINE = "mailer.engine"

@@ -7,14 +7,12 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.common import engine, print_json, settings
+from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.db import session
 from mailer.db.posts_repo import list_posts, save_post
 from mailer.posts import parse_post
 
 app = typer.Typer(name="posts", help="Add and list posts.", no_args_is_help=True)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 @app.command()

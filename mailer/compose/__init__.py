@@ -114,15 +114,27 @@ class _Links:
         )
 
 
-def compose(post: Post, publication: Publication, *, today: dt.date | None = None) -> Composition:
-    """Render both variants of ``post``; a post without a paywall has one, shared by both."""
+def compose(
+    post: Post,
+    publication: Publication,
+    *,
+    today: dt.date | None = None,
+    subject_prefix: str = "",
+) -> Composition:
+    """Render both variants of ``post``; a post without a paywall has one, shared by both.
+
+    ``subject_prefix`` marks test sends ("[Test] ") without touching the body.
+    """
     nonce = secrets.token_hex(8)
     marker = f"@@{nonce}:{{ctx}}:{{name}}@@"
     links = _Links(marker)
     day = post.date or today or dt.date.today()
-    paid = _variant(post, publication, "paid", day, nonce, marker, links)
+    subject = subject_prefix + post.title
+    paid = _variant(post, publication, "paid", day, nonce, marker, links, subject)
     free = (
-        _variant(post, publication, "free", day, nonce, marker, links) if post.has_paywall else paid
+        _variant(post, publication, "free", day, nonce, marker, links, subject)
+        if post.has_paywall
+        else paid
     )
     urls = tuple(sorted(links.numbers, key=links.numbers.__getitem__))
     return Composition(free=free, paid=paid, links=urls)
@@ -136,6 +148,7 @@ def _variant(
     nonce: str,
     marker: str,
     links: _Links,
+    subject: str,
 ) -> MessageTemplate:
     paywall = variant == "free" and post.has_paywall
     body_md = post.free_body if paywall and post.free_body is not None else post.body
@@ -187,7 +200,7 @@ def _variant(
     headers = [
         mime.header("From", pub.from_address),
         f"To: {header_token['to']}\r\n",
-        mime.header("Subject", post.title),
+        mime.header("Subject", subject),
         f"Date: {header_token['date']}\r\n",
         f"Message-ID: <{nonce}.{header_token['ids']}@{from_domain}>\r\n",
         mime.header("List-Id", f"{pub.name} <{list_id}>"),
@@ -200,7 +213,7 @@ def _variant(
     ]
     message = mime.build(headers, text, html, f"=_mailer_{nonce}", mime.marker_pattern(nonce))
     return MessageTemplate(
-        variant=variant, subject=post.title, nonce=nonce, html=html, text=text, mime=message
+        variant=variant, subject=subject, nonce=nonce, html=html, text=text, mime=message
     )
 
 

@@ -12,13 +12,23 @@ import html
 import re
 from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import Protocol
 
-from mailer.compose import MessageTemplate
 from mailer.tracking.tokens import Kind, SendSigner, Signer, varint
 
 NAME_FALLBACK = "reader"
 _URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url"})
 _QP_SAFE = re.compile(rb"[!-<>-~]{0,74}")  # printable ASCII but '=', short enough for one line
+
+
+class Template(Protocol):
+    """A composed message: ``compose.MessageTemplate``, or one read back from the ledger."""
+
+    @property
+    def nonce(self) -> str: ...
+
+    @property
+    def mime(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Personaliser:
 
     def __init__(
         self,
-        template: MessageTemplate,
+        template: Template,
         *,
         send_id: int,
         signer: Signer,

@@ -1,0 +1,398 @@
+"""Hand personalised messages to the SMTP server over a pool of reused connections.
+
+``SmtpPool.send`` runs one transaction (MAIL FROM, RCPT TO, DATA) for one recipient and
+returns an ``Outcome``; an SMTP-level problem is never an exception:
+
+- 250 after the final dot: ``sent``.
+- 4xx to MAIL FROM, RCPT TO, DATA or the final dot: ``deferred`` with the reply's code.
+- 5xx to RCPT TO, DATA or the final dot: ``failed`` with ``bounce`` set (a hard bounce).
+- 5xx to MAIL FROM: ``failed``, no bounce, and the reply says the *sender* was refused.
+- A dropped or refused connection, a garbled reply, any timeout: ``deferred``, code None.
+- A 4xx greeting or EHLO reply: ``deferred`` with the reply's code.
+- A recipient address that cannot go on a command line: ``failed``, ``bounce``; a non-ASCII
+  address to a server without SMTPUTF8: ``failed``, no bounce.
+
+``domain_backoff`` is set for 421, 450, 451, 452 and 454: the throttle should slow down for
+the recipient's domain. After a refusal mid-transaction the connection is RSET and reused;
+after 421, a timeout or a dropped connection it is closed and reopened when next needed. A
+connection the server closed while it sat idle is replaced before anything is sent, without
+a deferral.
+
+Configuration problems raise ``PermanentDeliveryError`` from ``send`` instead, because they
+would fail every reader alike and a batch must stop rather than mark them all failed: AUTH
+refused or unsupported, a TLS error (such as an untrusted certificate), STARTTLS wanted but not
+offered, a 5xx greeting, EHLO or STARTTLS reply, and a 530 (authentication required) to
+MAIL FROM.
+
+Timeouts: ``connect_timeout`` bounds connecting, TLS, the greeting, EHLO and AUTH together;
+``command_timeout`` each of MAIL, RCPT, DATA and RSET; ``data_timeout`` the reply to the
+final dot, which is when servers scan and queue the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+from aiosmtplib import (
+    SMTP,
+    SMTPAuthenticationError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from mailer.config import SmtpSettings
+from mailer.errors import PermanentDeliveryError, TransientDeliveryError
+
+BACKOFF_CODES = frozenset({421, 450, 451, 452, 454})
+MAX_REPLY = 500
+
+_UNSAFE_ADDRESS = re.compile(r'[\s<>"\x00-\x1f\x7f]')
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one recipient's message."""
+
+    state: Literal["sent", "deferred", "failed"]
+    code: int | None
+    reply: str  # the server's reply text, or what went wrong; one line, at most MAX_REPLY
+    domain_backoff: bool = False  # 421/450/451/452/454: slow down for this recipient's domain
+    bounce: bool = False  # failed because of the recipient or the message (5xx to RCPT or DATA)
+
+
+class SmtpConnectError(TransientDeliveryError):
+    """The server could not be reached or greeted, or answered 4xx while we connected."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _StaleConnection(Exception):
+    """The connection was found closed when MAIL FROM was sent: nothing was sent yet."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:MAX_REPLY]
+
+
+def _reply(code: int, text: str, *, sender: str | None = None) -> Outcome:
+    """The outcome of a reply other than the one we hoped for (to MAIL FROM if ``sender``)."""
+    reply = _one_line(text if sender is None else f"sender {sender} refused: {text}")
+    if not 500 <= code < 600:
+        return Outcome("deferred", code, reply, code in BACKOFF_CODES)
+    # A refused sender is our problem, not the reader's: no bounce.
+    return Outcome("failed", code, reply, bounce=sender is None)
+
+
+def _deferred(reply: str) -> Outcome:
+    return Outcome("deferred", None, _one_line(reply))
+
+
+def _failed(reply: str, *, bounce: bool = False) -> Outcome:
+    return Outcome("failed", None, _one_line(reply), bounce=bounce)
+
+
+def _path(address: str, utf8: bool) -> bytes:
+    """``<address>`` for MAIL FROM or RCPT TO, refusing what could smuggle in a command."""
+    if not address or _UNSAFE_ADDRESS.search(address):
+        raise ValueError(f"cannot put {address!r} on an SMTP command line")
+    return b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+
+
+def _data_payload(message: bytes) -> bytes:
+    """``message`` as DATA carries it: leading dots doubled, then the final dot.
+
+    The message is final: its lines must already end in CRLF (``Personaliser``'s do).
+    """
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message + (b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+async def _open(
+    smtp: SmtpSettings,
+    timeout: float,
+    local_hostname: str,
+    tls_context: ssl.SSLContext | None,
+) -> SMTP:
+    """A connected, greeted (EHLO), authenticated connection.
+
+    Raises ``SmtpConnectError`` when worth retrying later, ``PermanentDeliveryError`` on a
+    configuration problem.
+    """
+    where = f"{smtp.host}:{smtp.port}"
+    conn = SMTP(
+        hostname=smtp.host,
+        port=smtp.port,
+        username=smtp.username,
+        password=smtp.password,
+        local_hostname=local_hostname,
+        timeout=timeout,
+        use_tls=smtp.implicit_tls,
+        start_tls=smtp.starttls,  # never opportunistic: a self-signed relay would fail it
+        tls_context=tls_context,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            await conn.connect()
+            if conn.is_ehlo_or_helo_needed:
+                try:
+                    await conn.ehlo()
+                except SMTPHeloError:
+                    await conn.helo()  # a pre-ESMTP server
+    except SMTPAuthenticationError as exc:
+        conn.close()
+        raise PermanentDeliveryError(
+            _one_line(
+                f"SMTP server {where} refused AUTH as {smtp.username!r}: {exc.code} {exc.message}"
+            )
+        ) from None
+    except SMTPResponseException as exc:  # greeting, EHLO or STARTTLS refused
+        conn.close()
+        if 500 <= exc.code < 600:
+            raise PermanentDeliveryError(
+                _one_line(f"SMTP server {where} refused us: {exc.code} {exc.message}")
+            ) from None
+        raise SmtpConnectError(
+            _one_line(f"connect to {where} failed: {exc.code} {exc.message}"), exc.code
+        ) from None
+    except (SMTPTimeoutError, TimeoutError):
+        conn.close()
+        raise SmtpConnectError(f"connect to {where} timed out after {timeout:g}s") from None
+    except (SMTPServerDisconnected, OSError) as exc:  # aiosmtplib's SMTPConnectError too
+        conn.close()
+        tls = _tls_error(exc)
+        if tls is not None:
+            raise PermanentDeliveryError(
+                _one_line(f"TLS with SMTP server {where} failed: {tls}")
+            ) from None
+        raise SmtpConnectError(_one_line(f"connect to {where} failed: {exc}")) from None
+    except SMTPException as exc:  # STARTTLS or AUTH wanted but not offered
+        conn.close()
+        raise PermanentDeliveryError(_one_line(f"SMTP server {where}: {exc}")) from None
+    return conn
+
+
+async def _default_local_hostname() -> str:
+    return await asyncio.to_thread(socket.getfqdn)
+
+
+async def probe(
+    smtp: SmtpSettings,
+    timeout: float,
+    *,
+    local_hostname: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> None:
+    """Connect, greet, authenticate and quit: fail fast, before a send is planned.
+
+    Raises ``SmtpConnectError`` (a ``TransientDeliveryError``) when the server cannot be
+    reached or is busy, ``PermanentDeliveryError`` when it refuses our TLS or credentials.
+    """
+    hostname = local_hostname or await _default_local_hostname()
+    conn = await _open(smtp, timeout, hostname, tls_context)
+    try:
+        await conn.quit(timeout=timeout)
+    except (SMTPException, OSError):
+        pass  # we only wanted to know that it answers
+    finally:
+        conn.close()
+
+
+class SmtpPool:
+    """Up to ``size`` SMTP connections, opened lazily and reused across messages.
+
+    Use it from one event loop. Each connection serves one transaction at a time; a
+    connection that failed, timed out or got 421 is dropped and reopened when next needed.
+    ``tls_context`` overrides the system's certificate authorities (tests, private relays).
+    """
+
+    def __init__(
+        self,
+        smtp: SmtpSettings,
+        *,
+        size: int,
+        connect_timeout: float,
+        command_timeout: float,
+        data_timeout: float,
+        local_hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self._smtp = smtp
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._data_timeout = data_timeout
+        self._local_hostname = local_hostname
+        self._tls_context = tls_context
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[SMTP] = []
+        self._closed = False
+
+    async def __aenter__(self) -> SmtpPool:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def send(self, envelope_from: str, recipient: str, message: bytes) -> Outcome:
+        """Send ``message`` (final bytes) to one recipient; see the module doc for outcomes.
+
+        Raises ``PermanentDeliveryError`` only on a configuration problem (AUTH, TLS).
+        """
+        if self._closed:
+            raise RuntimeError("the SMTP pool is closed")
+        async with self._slots:
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    return await self._send_on(conn, envelope_from, recipient, message)
+                except _StaleConnection:
+                    pass  # the server had closed it while idle; nothing was sent: reopen
+            try:
+                conn = await self._connect()
+            except SmtpConnectError as exc:
+                return Outcome("deferred", exc.code, str(exc), exc.code in BACKOFF_CODES)
+            try:
+                return await self._send_on(conn, envelope_from, recipient, message)
+            except _StaleConnection:
+                return _deferred("connection dropped before MAIL FROM was answered")
+
+    def _take_idle(self) -> SMTP | None:
+        # Most recently used first: a light load keeps few connections open.
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.is_connected:
+                return conn
+            conn.close()
+        return None
+
+    async def _send_on(self, conn: SMTP, sender: str, recipient: str, message: bytes) -> Outcome:
+        keep = False
+        try:
+            outcome, keep = await self._transact(conn, sender, recipient, message)
+        finally:
+            # On an exception (cancelled, a configuration error) the session's state is unknown.
+            if keep and not self._closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+        return outcome
+
+    async def close(self) -> None:
+        """QUIT the idle connections; those in use close when their transaction ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(conn) for conn in idle))
+
+    async def _quit(self, conn: SMTP) -> None:
+        try:
+            await conn.quit(timeout=self._command_timeout)
+        except (SMTPException, OSError):
+            pass  # closing anyway
+        finally:
+            conn.close()
+
+    async def _connect(self) -> SMTP:
+        if self._local_hostname is None:
+            self._local_hostname = await _default_local_hostname()
+        return await _open(
+            self._smtp, self._connect_timeout, self._local_hostname, self._tls_context
+        )
+
+    async def _transact(
+        self, conn: SMTP, sender: str, recipient: str, message: bytes
+    ) -> tuple[Outcome, bool]:
+        """One MAIL/RCPT/DATA transaction: the outcome, and whether ``conn`` can be reused."""
+        utf8 = not (sender.isascii() and recipient.isascii())
+        if utf8 and not conn.supports_extension("smtputf8"):
+            return _failed(f"the SMTP server does not take non-ASCII addresses: {recipient}"), True
+        try:
+            mail_from = b"FROM:" + _path(sender, utf8)
+        except ValueError as exc:
+            return _failed(f"invalid sender: {exc}"), True
+        try:
+            rcpt_to = b"TO:" + _path(recipient, utf8)
+        except ValueError as exc:  # an address nobody can deliver to
+            return _failed(f"invalid recipient: {exc}", bounce=True), True
+        options = [b"SMTPUTF8"] if utf8 else []
+        if (utf8 or not message.isascii()) and conn.supports_extension("8bitmime"):
+            options.append(b"BODY=8BITMIME")
+
+        timeout = self._command_timeout
+        step = "MAIL FROM"
+        try:
+            try:
+                reply = await conn.execute_command(b"MAIL", mail_from, *options, timeout=timeout)
+            except SMTPServerDisconnected:
+                raise _StaleConnection from None
+            if reply.code == 530:
+                raise PermanentDeliveryError(
+                    _one_line(f"the SMTP server requires AUTH: {reply.code} {reply.message}")
+                )
+            if reply.code != 250:
+                outcome = _reply(reply.code, reply.message, sender=sender)
+                return outcome, reply.code != 421
+            step = "RCPT TO"
+            reply = await conn.execute_command(b"RCPT", rcpt_to, timeout=timeout)
+            if reply.code not in (250, 251):
+                return await self._refused(conn, reply)
+            step = "DATA"
+            reply = await conn.execute_command(b"DATA", timeout=timeout)
+            if reply.code != 354:
+                return await self._refused(conn, reply)
+            # aiosmtplib's data() would wait for the final reply with the command timeout.
+            protocol = conn.protocol
+            if protocol is None:
+                raise SMTPServerDisconnected("connection lost")
+            step = "end of data"
+            timeout = self._data_timeout
+            protocol.write(_data_payload(message))
+            reply = await protocol.read_response(timeout=timeout)
+        except SMTPResponseException as exc:  # a garbled or overlong reply
+            return _deferred(f"bad reply to {step}: {exc.message}"), False
+        except (SMTPTimeoutError, TimeoutError):
+            return _deferred(f"timed out after {timeout:g}s waiting for the {step} reply"), False
+        except (SMTPServerDisconnected, OSError) as exc:
+            return _deferred(f"connection dropped during {step}: {exc}"), False
+        if reply.code == 250:
+            return Outcome("sent", 250, _one_line(reply.message)), True
+        return _reply(reply.code, reply.message), reply.code != 421
+
+    async def _refused(self, conn: SMTP, reply: SMTPResponse) -> tuple[Outcome, bool]:
+        """After a refusal mid-transaction, RSET so the connection can carry the next one."""
+        outcome = _reply(reply.code, reply.message)
+        if reply.code == 421 or not conn.is_connected:
+            return outcome, False
+        try:
+            await conn.rset(timeout=self._command_timeout)
+        except (SMTPException, OSError):
+            return outcome, False
+        return outcome, True

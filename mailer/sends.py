@@ -1,0 +1,384 @@
+"""Sends: plan one, snapshot its recipients into the ledger, and move it through its states.
+
+A send's status: ``scheduled → sending → done``, with ``paused``, ``cancelled``, ``failed``
+(a configuration problem such as refused SMTP credentials stopped it) and ``missed`` (a
+scheduled send that no scheduler started in time). Every change is a compare-and-set on the
+row, so two commands racing cannot, say, resume a cancelled send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, cast, get_args
+
+from sqlalchemy import ColumnElement, CursorResult, case, func, insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from mailer import segments
+from mailer.compose import VARIANTS, Composition
+from mailer.db.models import (
+    DeliveryRow,
+    DeliveryState,
+    LinkRow,
+    PostRow,
+    SendBatchRow,
+    SendRow,
+    SendStatus,
+    SendVariantRow,
+    SubscriberRow,
+    utcnow,
+)
+from mailer.errors import InputError, NotFoundError
+
+STATES: tuple[DeliveryState, ...] = get_args(DeliveryState)
+UNFINISHED: tuple[DeliveryState, ...] = ("queued", "sending", "deferred")
+
+
+@dataclass(frozen=True)
+class Audience:
+    """How many readers a segment reaches, per variant, before anything is written."""
+
+    free: int
+    paid: int
+
+    @property
+    def total(self) -> int:
+        return self.free + self.paid
+
+
+@dataclass(frozen=True)
+class SendInfo:
+    id: int
+    slug: str
+    title: str
+    segment: str
+    status: SendStatus
+    created_at: dt.datetime
+    scheduled_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: str | None
+    counts: dict[DeliveryState, int] = field(default_factory=dict)  # every state, 0 included
+    by_variant: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def recipients(self) -> int:
+        return sum(self.counts.values())
+
+    def as_json(self) -> dict[str, object]:
+        def iso(t: dt.datetime | None) -> str | None:
+            return t.isoformat() if t else None
+
+        return {
+            "id": self.id,
+            "slug": self.slug,
+            "title": self.title,
+            "segment": self.segment,
+            "status": self.status,
+            "recipients": self.recipients,
+            "counts": self.counts,
+            "by_variant": self.by_variant,
+            "created_at": iso(self.created_at),
+            "scheduled_at": iso(self.scheduled_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "error": self.error,
+        }
+
+
+def _variant_of_tier() -> ColumnElement[str]:
+    # Free readers get the paywalled variant; trial, paid and comped readers the whole post.
+    return case((SubscriberRow.tier == "free", "free"), else_="paid")
+
+
+def audience(session: Session, segment: str) -> Audience:
+    """Readers ``segment`` reaches now, per variant (only active readers count)."""
+    ids = segments.select_active(session, segment).subquery()
+    by_tier = dict(
+        session.execute(
+            select(SubscriberRow.tier, func.count())
+            .where(SubscriberRow.id.in_(select(ids)))
+            .group_by(SubscriberRow.tier)
+        ).all()
+    )
+    free = by_tier.pop("free", 0)
+    return Audience(free=free, paid=sum(by_tier.values()))
+
+
+def create(
+    session: Session,
+    slug: str,
+    segment: str,
+    composition: Composition,
+    *,
+    batch_size: int,
+    scheduled_at: dt.datetime | None = None,
+) -> int:
+    """Create a send: its composed variants, its links, and one ledger row per recipient.
+
+    The recipients are snapshotted by one INSERT ... SELECT, so the send reaches exactly the
+    readers in the segment at this moment; later imports do not join it.
+    """
+    post_id = session.scalar(select(PostRow.id).where(PostRow.slug == slug))
+    if post_id is None:
+        raise NotFoundError(f"no post with slug {slug!r}; add it with `mailer posts add FILE`")
+    send = SendRow(
+        post_id=post_id,
+        segment=segment,
+        status="scheduled",
+        scheduled_at=scheduled_at,
+    )
+    session.add(send)
+    session.flush()
+    for name in VARIANTS:
+        template = composition.variant(name)
+        session.add(
+            SendVariantRow(
+                send_id=send.id,
+                variant=name,
+                subject=template.subject,
+                nonce=template.nonce,
+                template=template.mime,
+                html_size=len(template.html.encode()),
+            )
+        )
+    session.add_all(
+        LinkRow(send_id=send.id, link_no=n, url=url) for n, url in enumerate(composition.links)
+    )
+    ids = segments.select_active(session, segment).subquery()
+    position = func.row_number().over(order_by=SubscriberRow.id) - 1
+    session.execute(
+        insert(DeliveryRow).from_select(
+            ["send_id", "subscriber_id", "variant", "batch_no", "state"],
+            select(
+                literal(send.id),
+                SubscriberRow.id,
+                _variant_of_tier(),
+                position // batch_size,
+                literal("queued"),
+            ).where(SubscriberRow.id.in_(select(ids))),
+        )
+    )
+    session.execute(
+        insert(SendBatchRow).from_select(
+            ["send_id", "batch_no"],
+            select(DeliveryRow.send_id, DeliveryRow.batch_no)
+            .where(DeliveryRow.send_id == send.id)
+            .distinct(),
+        )
+    )
+    return send.id
+
+
+def start(session: Session, send_id: int) -> list[int]:
+    """Move a scheduled (or paused, or failed) send to ``sending``; the batches to enqueue."""
+    _transition(session, send_id, ("scheduled", "paused", "failed"), "sending")
+    session.execute(
+        update(SendRow)
+        .where(SendRow.id == send_id, SendRow.started_at.is_(None))
+        .values(started_at=utcnow())
+    )
+    return unfinished_batches(session, send_id)
+
+
+def pause(session: Session, send_id: int) -> None:
+    _transition(session, send_id, ("sending",), "paused")
+
+
+def cancel(session: Session, send_id: int) -> None:
+    """Stop for good: readers not yet mailed are marked ``skipped``."""
+    _transition(session, send_id, ("scheduled", "sending", "paused", "failed"), "cancelled")
+    session.execute(
+        update(DeliveryRow)
+        .where(DeliveryRow.send_id == send_id, DeliveryRow.state.in_(("queued", "deferred")))
+        .values(state="skipped", last_reply="send cancelled")
+    )
+    session.execute(update(SendRow).where(SendRow.id == send_id).values(finished_at=utcnow()))
+
+
+def retry_unknown(session: Session, send_id: int) -> tuple[int, list[int]]:
+    """Queue again the readers whose message was in flight when a worker died.
+
+    Some of them may get the message twice: that is why it takes the author's word.
+    """
+    info = show(session, send_id)
+    if info.status in ("cancelled", "scheduled", "missed"):
+        raise InputError(f"send {send_id} is {info.status}; only a started send can retry")
+    count = _rowcount(
+        session.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.send_id == send_id, DeliveryRow.state == "unknown")
+            .values(state="queued", last_reply="queued again by retry-unknown")
+        )
+    )
+    if count and info.status in ("done", "paused", "failed"):
+        _set_status(session, send_id, info.status, "sending", finished_at=None)
+    return count, unfinished_batches(session, send_id)
+
+
+def fail(session: Session, send_id: int, error: str) -> None:
+    """A configuration problem stops the send; fix it and ``resume``."""
+    session.execute(
+        update(SendRow)
+        .where(SendRow.id == send_id, SendRow.status == "sending")
+        .values(status="failed", error=error)
+    )
+
+
+def finish_if_done(session: Session, send_id: int) -> bool:
+    """Mark a sending send ``done`` once no reader is left to try; True if it is done now."""
+    pending = session.scalar(
+        select(DeliveryRow.id)
+        .where(DeliveryRow.send_id == send_id, DeliveryRow.state.in_(UNFINISHED))
+        .limit(1)
+    )
+    if pending is not None:
+        return False
+    session.execute(
+        update(SendRow)
+        .where(SendRow.id == send_id, SendRow.status == "sending")
+        .values(status="done", finished_at=utcnow())
+    )
+    return True
+
+
+def unfinished_batches(session: Session, send_id: int) -> list[int]:
+    return list(
+        session.scalars(
+            select(DeliveryRow.batch_no)
+            .where(DeliveryRow.send_id == send_id, DeliveryRow.state.in_(UNFINISHED))
+            .distinct()
+            .order_by(DeliveryRow.batch_no)
+        )
+    )
+
+
+def start_due(session: Session, *, missed_after: dt.timedelta) -> dict[int, list[int]]:
+    """Start scheduled sends whose time has come: {send: batches to enqueue}.
+
+    One found more than ``missed_after`` late (no scheduler was running) becomes ``missed``
+    instead: a post mailed hours after its moment may do more harm than good.
+    """
+    now = utcnow()
+    started: dict[int, list[int]] = {}
+    due = session.execute(
+        select(SendRow.id, SendRow.scheduled_at).where(
+            SendRow.status == "scheduled", SendRow.scheduled_at <= now
+        )
+    ).all()
+    for send_id, at in due:
+        if at is not None and now - at > missed_after:
+            _set_status(
+                session,
+                send_id,
+                "scheduled",
+                "missed",
+                finished_at=now,
+                error=f"scheduled for {at.isoformat()}; no scheduler started it in time",
+            )
+        else:
+            started[send_id] = start(session, send_id)
+    return started
+
+
+def stalled_batches(session: Session) -> list[tuple[int, int]]:
+    """(send, batch) pairs whose worker died holding them: a lease that expired unreleased."""
+    unfinished = (
+        select(DeliveryRow.id)
+        .where(
+            DeliveryRow.send_id == SendBatchRow.send_id,
+            DeliveryRow.batch_no == SendBatchRow.batch_no,
+            DeliveryRow.state.in_(UNFINISHED),
+        )
+        .exists()
+    )
+    return [
+        (send_id, batch_no)
+        for send_id, batch_no in session.execute(
+            select(SendBatchRow.send_id, SendBatchRow.batch_no)
+            .join(SendRow, SendRow.id == SendBatchRow.send_id)
+            .where(
+                SendRow.status == "sending",
+                SendBatchRow.lease_owner.is_not(None),
+                SendBatchRow.lease_until < utcnow(),
+                unfinished,
+            )
+        )
+    ]
+
+
+def status(session: Session, send_id: int) -> SendStatus:
+    found = session.scalar(select(SendRow.status).where(SendRow.id == send_id))
+    if found is None:
+        raise NotFoundError(f"no send with id {send_id}")
+    return found
+
+
+def show(session: Session, send_id: int) -> SendInfo:
+    row = session.execute(
+        select(SendRow, PostRow.slug, PostRow.title)
+        .join(PostRow, PostRow.id == SendRow.post_id)
+        .where(SendRow.id == send_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFoundError(f"no send with id {send_id}")
+    send, slug, title = row
+    counts = dict.fromkeys(STATES, 0)
+    by_variant = {"free": 0, "paid": 0}
+    for variant, state, n in session.execute(
+        select(DeliveryRow.variant, DeliveryRow.state, func.count())
+        .where(DeliveryRow.send_id == send_id)
+        .group_by(DeliveryRow.variant, DeliveryRow.state)
+    ):
+        counts[state] += n
+        by_variant[variant] += n
+    return SendInfo(
+        id=send.id,
+        slug=slug,
+        title=title,
+        segment=send.segment,
+        status=send.status,
+        created_at=send.created_at,
+        scheduled_at=send.scheduled_at,
+        started_at=send.started_at,
+        finished_at=send.finished_at,
+        error=send.error,
+        counts=counts,
+        by_variant=by_variant,
+    )
+
+
+def list_sends(session: Session, limit: int = 50) -> list[SendInfo]:
+    ids = session.scalars(select(SendRow.id).order_by(SendRow.id.desc()).limit(limit))
+    return [show(session, send_id) for send_id in ids]
+
+
+def _transition(
+    session: Session, send_id: int, allowed: tuple[SendStatus, ...], new: SendStatus
+) -> None:
+    current = status(session, send_id)
+    if current not in allowed:
+        raise InputError(
+            f"send {send_id} is {current}; it can become {new} only when " + " or ".join(allowed)
+        )
+    _set_status(session, send_id, current, new)
+
+
+def _set_status(
+    session: Session, send_id: int, old: SendStatus, new: SendStatus, **values: object
+) -> None:
+    changed = _rowcount(
+        session.execute(
+            update(SendRow)
+            .where(SendRow.id == send_id, SendRow.status == old)
+            .values(**{"status": new, "error": None, **values})
+        )
+    )
+    if changed != 1:
+        raise InputError(f"send {send_id} changed while we looked; try again")
+
+
+def _rowcount(result: object) -> int:
+    # Session.execute is typed as returning Result; an UPDATE's is a CursorResult.
+    return cast(CursorResult[Any], result).rowcount

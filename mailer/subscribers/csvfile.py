@@ -1,0 +1,170 @@
+"""CSV files as people have them: BOMs, CRLF, quoted newlines, Excel's ``;`` and ``sep=`` line.
+
+``open_csv`` checks a file before anything is imported from it: it is text in the expected
+encoding, and its first line is a header (the caller checks for the columns it needs). Records
+then stream one at a time with the line they start on, so memory stays flat. ``replacing``
+writes a file that appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from mailer.errors import InputError
+
+SAMPLE_BYTES = 64 * 1024
+DELIMITERS = (",", ";", "\t")  # in order of preference when the header does not settle it
+SAVE_AS_UTF8 = 'save it as UTF-8 (Excel: "CSV UTF-8") or give its encoding, e.g. cp1252'
+
+# A record, the line it starts on, and why it could not be read (fields are then empty).
+Record = tuple[int, list[str], str | None]
+
+
+class CsvSource:
+    """An open CSV file whose header has been read."""
+
+    def __init__(self, path: Path, binary: BinaryIO, encoding: str, delimiter: str) -> None:
+        self.path = path
+        self.encoding = encoding
+        self.delimiter = delimiter
+        self.size = path.stat().st_size  # bytes, for progress
+        self.header: list[str] = []  # as written, trimmed
+        self._binary = binary
+        self._reader = csv.reader(
+            io.TextIOWrapper(binary, encoding=encoding, newline=""), delimiter=delimiter
+        )
+        self._line = 0  # the last line read
+
+    def position(self) -> int:
+        """Bytes read so far (read ahead by a buffer's worth)."""
+        return self._binary.tell()
+
+    def records(self) -> Iterator[Record]:
+        """The records after the header; blank lines come as empty lists."""
+        reader = self._reader
+        while True:
+            start = self._line + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # e.g. a field over the size limit; reading goes on
+                self._line = reader.line_num
+                yield start, [], f"unreadable CSV: {exc}"
+                continue
+            except UnicodeDecodeError:
+                raise _undecodable(self.path, self.encoding) from None
+            self._line = reader.line_num
+            yield start, fields, None
+
+
+@contextmanager
+def open_csv(path: Path, encoding: str | None = None) -> Iterator[CsvSource]:
+    """Open ``path`` as CSV, or raise ``InputError`` naming it and saying what is wrong.
+
+    The encoding is UTF-8 (with or without BOM) or UTF-16 with a BOM unless given. Files in
+    another encoding are refused rather than guessed at: a wrong guess would store garbled
+    names that nobody notices until they are mailed.
+    """
+    try:
+        binary = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    with binary:
+        sample = binary.read(SAMPLE_BYTES)
+        encoding = _encoding(path, sample, encoding)
+        delimiter, skip = _layout(path, sample, encoding)
+        binary.seek(0)
+        source = CsvSource(path, binary, encoding, delimiter)
+        records = source.records()
+        for _ in range(skip):
+            next(records, None)
+        for _, fields, _ in records:
+            if any(field.strip() for field in fields):
+                source.header = [field.strip() for field in fields]
+                break
+        if not source.header:
+            raise InputError(f"{path}: no header line; expected one naming the columns")
+        yield source
+
+
+def _encoding(path: Path, sample: bytes, encoding: str | None) -> str:
+    if not sample.strip():
+        raise InputError(f"{path}: empty file; expected a header line naming the columns")
+    if encoding is not None:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError:
+            raise InputError(f"unknown encoding {encoding!r}") from None
+        return "utf-8-sig" if name == "utf-8" else name  # a BOM is not part of the header
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"  # Excel's "Unicode Text"
+    if b"\0" in sample:
+        raise InputError(f"{path}: not a CSV file (it holds binary data)")
+    return "utf-8-sig"  # also reads UTF-8 without a BOM
+
+
+def _layout(path: Path, sample: bytes, encoding: str) -> tuple[str, int]:
+    """The delimiter, and how many records come before the header."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        text = decoder.decode(sample, final=len(sample) < SAMPLE_BYTES)
+    except UnicodeDecodeError:
+        raise _undecodable(path, encoding) from None
+    if "\0" in text:
+        raise InputError(f"{path}: not a CSV file (it holds binary data)")
+    first = (text.lstrip("\r\n").splitlines() or [""])[0]
+    if len(first) == 5 and first.lower().startswith("sep="):  # Excel's delimiter hint
+        return first[4], 1
+
+    def score(delimiter: str) -> tuple[bool, int]:
+        cells = next(csv.reader([first], delimiter=delimiter))
+        return any(cell.strip().lower() == "email" for cell in cells), len(cells)
+
+    return max(DELIMITERS, key=score), 0
+
+
+def _undecodable(path: Path, encoding: str) -> InputError:
+    """The error for a file that is not in ``encoding``, naming the first bad line."""
+    name = "UTF-8" if encoding.startswith("utf-8") else encoding
+    if encoding.startswith("utf-16"):  # lines cannot be told apart by bytes: no line number
+        return InputError(f"{path}: is not valid {name}; {SAVE_AS_UTF8}")
+    with path.open("rb") as binary:
+        for number, line in enumerate(binary, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start]
+                return InputError(
+                    f"{path}: line {number} is not valid {name} (byte 0x{byte:02X}); {SAVE_AS_UTF8}"
+                )
+    return InputError(f"{path}: is not valid {name}; {SAVE_AS_UTF8}")
+
+
+@contextmanager
+def replacing(path: Path, what: str) -> Iterator[TextIO]:
+    """A UTF-8 text file that replaces ``path`` when the block ends normally, and never before.
+
+    It is written beside ``path`` (parent folders are made), so a failure to write is found
+    before any work is done, and the move is atomic.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot write ({exc.strerror})") from None
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            yield file
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

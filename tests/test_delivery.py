@@ -1,0 +1,356 @@
+"""The delivery engine against real SMTP servers, on SQLite and PostgreSQL.
+
+Each reader gets exactly one message; faults map to the right ledger states; pause, resume,
+a batch run twice, and a run that dies with messages in flight never send twice.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+import pytest
+from smtp_servers import CloseAfter, DropAfterData, Refuse, Slow, greylist, serve
+from sqlalchemy import Engine, select, update
+
+from mailer import db, sends
+from mailer.compose import Publication, compose
+from mailer.config import Settings, load_settings
+from mailer.db.models import (
+    DeliveryRow,
+    SendBatchRow,
+    SubscriberEventRow,
+    SubscriberRow,
+    utcnow,
+)
+from mailer.db.posts_repo import save_post
+from mailer.delivery.runner import Runtime, run_inline
+from mailer.posts import parse_post_text
+
+POST = """\
+---
+title: Harbour Notes
+audience: paid
+---
+Free readers see this part.
+
+<!-- paywall -->
+
+Only paying readers see this part.
+"""
+TIERS = ("free", "trial", "paid", "comped")
+
+
+@dataclass
+class Setup:
+    engine: Engine
+    db_url: str
+    readers: dict[str, str]  # address → tier
+
+    def settings(self, smtp_port: int, **extra: str) -> Settings:
+        return load_settings(
+            {
+                "MAILER_DATABASE_URL": self.db_url,
+                "MAILER_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
+                "MAILER_RETRY_BACKOFF": "50ms",
+                "MAILER_BATCH_SIZE": "7",
+                "MAILER_SMTP_CONCURRENCY": "4",
+                "MAILER_SMTP_COMMAND_TIMEOUT": "2s",
+                "MAILER_SMTP_DATA_TIMEOUT": "2s",
+                **extra,
+            },
+            env_file=None,
+        )
+
+    def create_send(self, settings: Settings, segment: str = "all") -> int:
+        with db.session(self.engine) as session:
+            post = parse_post_text(POST, "post.md")
+            save_post(session, post, source="post.md")
+            composition = compose(post, Publication.from_settings(settings))
+            send_id = sends.create(
+                session, post.slug, segment, composition, batch_size=settings.batch_size
+            )
+            sends.start(session, send_id)
+        return send_id
+
+    def deliver(self, settings: Settings, send_id: int) -> None:
+        runtime = Runtime(settings, engine=self.engine)
+        try:
+            run_inline(runtime, send_id)
+        finally:
+            runtime.close()
+
+    def info(self, send_id: int) -> sends.SendInfo:
+        with db.session(self.engine) as session:
+            return sends.show(session, send_id)
+
+
+@pytest.fixture
+def setup(engine: Engine, db_url: str) -> Iterator[Setup]:
+    readers = {f"reader{i}@example.com": TIERS[i % 4] for i in range(30)}
+    with db.session(engine) as session:
+        session.add_all(
+            SubscriberRow(
+                email=address,
+                email_key=address,
+                domain="example.com",
+                name=f"Reader {i}",
+                tier=tier,
+            )
+            for i, (address, tier) in enumerate(readers.items())
+        )
+    yield Setup(engine, db_url, readers)
+
+
+def by_recipient(messages: list[object]) -> Counter[str]:
+    return Counter(m.rcpt_tos[0] for m in messages)  # type: ignore[attr-defined]
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def test_every_reader_gets_exactly_one_message_of_their_variant(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        setup.deliver(settings, send_id)
+        messages = server.handler.messages
+    assert by_recipient(messages) == Counter(list(setup.readers))
+    info = setup.info(send_id)
+    assert info.status == "done"
+    assert info.counts["sent"] == len(setup.readers) and info.recipients == len(setup.readers)
+    assert info.by_variant == {"free": 8, "paid": 22}
+    # Connections are reused: far fewer than messages.
+    assert server.connections <= settings.smtp_concurrency * 2
+    with db.session(setup.engine) as session:
+        ledger = {row.subscriber_id: row for row in session.scalars(select(DeliveryRow))}
+    for message in messages:
+        body = parsed(message.data)
+        address = message.rcpt_tos[0]
+        html = body.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        if setup.readers[address] == "free":
+            assert "Keep reading with a 7-day free trial" in html
+            assert "Only paying readers" not in html
+        else:
+            assert "Only paying readers" in html and "Keep reading" not in html
+        assert message.mail_from.startswith("bounces+") and message.mail_from.endswith(
+            "@example.com"
+        )
+        assert max(len(line) for line in message.data.split(b"\r\n")) <= 998
+        assert body["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        row = next(r for r in ledger.values() if r.message_id == body["Message-ID"])
+        assert row.state == "sent" and row.sent_at is not None and row.last_reply
+
+
+def test_audience_counts_readers_per_variant(setup: Setup) -> None:
+    with db.session(setup.engine) as session:
+        assert sends.audience(session, "all") == sends.Audience(free=8, paid=22)
+        assert sends.audience(session, "tier:free") == sends.Audience(free=8, paid=0)
+
+
+def test_readers_suppressed_after_planning_are_skipped(setup: Setup) -> None:
+    gone = "reader3@example.com"
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        with db.session(setup.engine) as session:
+            session.execute(
+                update(SubscriberRow)
+                .where(SubscriberRow.email_key == gone)
+                .values(status="unsubscribed")
+            )
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert gone not in received and len(received) == len(setup.readers) - 1
+    assert setup.info(send_id).counts["skipped"] == 1
+
+
+def test_only_the_segment_is_mailed(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings, "tier:paid,comped")
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert set(received) == {a for a, t in setup.readers.items() if t in ("paid", "comped")}
+
+
+def test_greylisted_readers_are_deferred_then_sent(setup: Setup) -> None:
+    with serve(greylist()) as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    with db.session(setup.engine) as session:
+        attempts = set(session.scalars(select(DeliveryRow.attempts)))
+    assert attempts == {2}
+    assert setup.info(send_id).status == "done"
+
+
+def test_a_hard_bounce_fails_one_reader_and_marks_them_bounced(setup: Setup) -> None:
+    bad = "reader5@example.com"
+    with serve(Refuse("550 5.1.1 No such user", address=bad)) as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert bad not in received and len(received) == len(setup.readers) - 1
+    info = setup.info(send_id)
+    assert info.counts["failed"] == 1 and info.status == "done"
+    with db.session(setup.engine) as session:
+        reader = session.scalars(select(SubscriberRow).where(SubscriberRow.email_key == bad)).one()
+        assert reader.status == "bounced"
+        event = session.scalars(
+            select(SubscriberEventRow).where(SubscriberEventRow.subscriber_id == reader.id)
+        ).one()
+        assert (event.old, event.new, event.send_id) == ("active", "bounced", send_id)
+        reply = session.scalar(
+            select(DeliveryRow.last_reply).where(DeliveryRow.subscriber_id == reader.id)
+        )
+    assert reply is not None and reply.startswith("550")
+
+
+def test_a_refused_sender_is_not_a_bounce(setup: Setup) -> None:
+    with serve(Refuse("553 5.7.1 Sender rejected", stage="mail")) as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings, "tier:paid")
+        setup.deliver(settings, send_id)
+    assert setup.info(send_id).counts["failed"] == 7
+    with db.session(setup.engine) as session:
+        assert set(session.scalars(select(SubscriberRow.status))) == {"active"}
+
+
+def test_a_dropped_connection_is_retried(setup: Setup) -> None:
+    with serve(DropAfterData()) as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings, "tier:trial")
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(a for a, t in setup.readers.items() if t == "trial")
+
+
+def test_slow_replies_time_out_and_give_up_after_the_attempts(setup: Setup) -> None:
+    with serve(Slow(1.5, stage="data")) as server:
+        settings = setup.settings(
+            server.settings().port, MAILER_SMTP_DATA_TIMEOUT="300ms", MAILER_RETRY_ATTEMPTS="2"
+        )
+        send_id = setup.create_send(settings, "tier:comped")
+        setup.deliver(settings, send_id)
+    info = setup.info(send_id)
+    assert info.counts["failed"] == 7 and info.status == "done"
+    with db.session(setup.engine) as session:
+        replies = set(session.scalars(select(DeliveryRow.last_reply)))
+    assert all(r is not None and r.startswith("gave up after 2 attempts") for r in replies)
+
+
+def test_421_mid_session_reconnects(setup: Setup) -> None:
+    with serve(CloseAfter(3)) as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    assert setup.info(send_id).status == "done"
+
+
+def test_running_a_batch_again_sends_nothing_twice(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        setup.deliver(settings, send_id)
+        runtime = Runtime(settings, engine=setup.engine)
+        for batch_no in range(5):
+            runtime.run_batch(send_id, batch_no)  # a redelivered task for every batch
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+
+
+def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
+    with serve(Slow(0.05)) as server:
+        settings = setup.settings(server.settings().port, MAILER_SMTP_CONCURRENCY="1")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        first = runtime.run_batch(send_id, 0)
+        assert first.sent == 7, first
+        with db.session(setup.engine) as session:
+            sends.pause(session, send_id)
+        stopped = runtime.run_batch(send_id, 1)
+        assert stopped.stopped == "paused" and stopped.sent == 0
+        assert setup.info(send_id).counts["queued"] == len(setup.readers) - 7
+        with db.session(setup.engine) as session:
+            sends.start(session, send_id)
+        run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    assert setup.info(send_id).status == "done"
+
+
+def test_messages_in_flight_at_a_crash_become_unknown_and_are_not_resent(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        # A worker died in batch 0 with two messages claimed: its lease ran out unreleased.
+        with db.session(setup.engine) as session:
+            claimed = list(
+                session.scalars(select(DeliveryRow.id).where(DeliveryRow.batch_no == 0).limit(2))
+            )
+            session.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id.in_(claimed))
+                .values(state="sending", attempts=1)
+            )
+            session.execute(
+                update(SendBatchRow)
+                .where(SendBatchRow.batch_no == 0)
+                .values(lease_owner="dead-worker", lease_until=utcnow())
+            )
+            assert sends.stalled_batches(session) == [(send_id, 0)]
+        setup.deliver(settings, send_id)
+        assert len(server.handler.messages) == len(setup.readers) - 2
+        info = setup.info(send_id)
+        assert info.counts["unknown"] == 2 and info.status == "done"
+
+        with db.session(setup.engine) as session:
+            count, batches = sends.retry_unknown(session, send_id)
+        assert (count, batches) == (2, [0])
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    assert setup.info(send_id).status == "done"
+
+
+def test_a_live_lease_makes_a_second_run_wait(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        with db.session(setup.engine) as session:
+            session.execute(
+                update(SendBatchRow)
+                .where(SendBatchRow.batch_no == 0)
+                .values(lease_owner="other", lease_until=utcnow().replace(year=2100))
+            )
+        runtime = Runtime(settings, engine=setup.engine)
+        result = runtime.run_batch(send_id, 0)
+        runtime.close()
+    assert result.held_for is not None and result.held_for > 0 and result.sent == 0
+
+
+def test_cancel_skips_the_rest(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        with db.session(setup.engine) as session:
+            sends.cancel(session, send_id)
+        setup.deliver(settings, send_id)
+        assert server.handler.messages == []
+    info = setup.info(send_id)
+    assert info.status == "cancelled" and info.counts["skipped"] == len(setup.readers)

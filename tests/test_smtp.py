@@ -1,0 +1,308 @@
+"""SmtpPool and probe against real SMTP servers (aiosmtpd on loopback, see smtp_servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from smtp_servers import (
+    CloseAfter,
+    DropAfterData,
+    Recorder,
+    Refuse,
+    Slow,
+    SmtpServer,
+    black_hole,
+    client_tls_context,
+    closed_port,
+    greylist,
+    serve,
+)
+
+from mailer.config import SmtpSettings
+from mailer.delivery.smtp import MAX_REPLY, Outcome, SmtpConnectError, SmtpPool, probe
+from mailer.errors import PermanentDeliveryError, TransientDeliveryError
+
+SENDER = "bounces+t0k3n@news.test"
+MESSAGE = b"From: news@news.test\r\nSubject: Hello\r\n\r\nFirst line\r\n.a line with a dot\r\n"
+
+
+def pool_for(server: SmtpServer | SmtpSettings, **changes: Any) -> SmtpPool:
+    options: dict[str, Any] = {
+        "size": 2,
+        "connect_timeout": 2.0,
+        "command_timeout": 2.0,
+        "data_timeout": 2.0,
+        "local_hostname": "client.test",
+        "tls_context": client_tls_context(),
+    }
+    settings = server.settings() if isinstance(server, SmtpServer) else server
+    return SmtpPool(settings, **(options | changes))
+
+
+def send_each(
+    server: SmtpServer | SmtpSettings, recipients: Sequence[str], **changes: Any
+) -> list[Outcome]:
+    """Sends MESSAGE to each recipient in turn over one pool."""
+
+    async def run() -> list[Outcome]:
+        async with pool_for(server, **changes) as pool:
+            return [await pool.send(SENDER, rcpt, MESSAGE) for rcpt in recipients]
+
+    return asyncio.run(run())
+
+
+def test_delivers_the_exact_bytes_with_the_envelope() -> None:
+    with serve() as server:
+        [outcome] = send_each(server, ["reader@example.org"])
+        [message] = server.handler.wait_for(1)
+    assert outcome == Outcome("sent", 250, "2.0.0 OK: queued")
+    assert message.mail_from == SENDER
+    assert message.rcpt_tos == ("reader@example.org",)
+    assert message.data == MESSAGE  # the leading dot went through doubled and came back
+    assert message.mail_options == ()  # 7-bit ASCII: no BODY or SMTPUTF8
+
+
+def test_many_messages_reuse_few_connections() -> None:
+    async def run(server: SmtpServer) -> list[Outcome]:
+        async with pool_for(server, size=4) as pool:
+            sends = (pool.send(SENDER, f"r{i}@example.org", MESSAGE) for i in range(60))
+            return await asyncio.gather(*sends)
+
+    with serve() as server:
+        outcomes = asyncio.run(run(server))
+        messages = server.handler.wait_for(60)
+        connections = server.connections
+    assert {o.state for o in outcomes} == {"sent"}
+    assert sorted(m.rcpt_tos[0] for m in messages) == sorted(f"r{i}@example.org" for i in range(60))
+    assert 1 <= connections <= 4
+
+
+def test_a_pool_used_one_message_at_a_time_keeps_one_connection() -> None:
+    with serve() as server:
+        outcomes = send_each(server, [f"r{i}@example.org" for i in range(10)], size=8)
+        connections = server.connections
+    assert [o.state for o in outcomes] == ["sent"] * 10
+    assert connections == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "state", "backoff"),
+    [
+        ("mail", "451 4.3.0 Try again later", "deferred", True),
+        ("mail", "553 5.7.1 Sender address rejected", "failed", False),
+        ("rcpt", "450 4.2.0 Mailbox busy", "deferred", True),
+        ("rcpt", "452 4.5.3 Too many recipients", "deferred", True),
+        ("rcpt", "454 4.7.1 Relay access temporarily denied", "deferred", True),
+        ("rcpt", "441 4.4.1 No answer from host", "deferred", False),
+        ("rcpt", "550 5.1.1 No such user", "failed", False),
+        ("data", "451 4.3.0 Local error in processing", "deferred", True),
+        ("data", "554 5.7.1 Message rejected as spam", "failed", False),
+    ],
+)
+def test_a_refusal_maps_to_an_outcome_and_the_connection_stays_usable(
+    stage: Any, reply: str, state: str, backoff: bool
+) -> None:
+    gone = SENDER if stage == "mail" else "gone@example.org"
+    handler = Refuse(reply, stage=stage, address=gone, once=True)
+    with serve(handler) as server:
+        refused, after = send_each(server, ["gone@example.org", "next@example.org"])
+        [message] = server.handler.wait_for(1)
+        connections = server.connections
+    code, text = reply.split(" ", 1)
+    assert (refused.state, refused.code, refused.domain_backoff) == (state, int(code), backoff)
+    # Only the reader's own refusal is a hard bounce; a refused sender is our problem.
+    assert refused.bounce == (state == "failed" and stage != "mail")
+    if stage == "mail":
+        assert refused.reply == f"sender {SENDER} refused: {text}"
+    else:
+        assert refused.reply == text
+    # The refusal left no half-open transaction behind (RSET): the next message goes through.
+    assert after.state == "sent"
+    assert message.rcpt_tos == ("next@example.org",)
+    assert connections == 1
+
+
+def test_greylisting_defers_then_the_retry_is_sent() -> None:
+    with serve(greylist()) as server:
+        first, retry = send_each(server, ["reader@example.org"] * 2)
+    assert (first.state, first.code, first.domain_backoff) == ("deferred", 451, True)
+    assert retry.state == "sent"
+
+
+def test_421_defers_with_backoff_and_the_next_message_reconnects() -> None:
+    with serve(Refuse("421 4.7.0 Too busy, closing", address="busy@example.org")) as server:
+        busy, after = send_each(server, ["busy@example.org", "next@example.org"])
+        connections = server.connections
+    assert (busy.state, busy.code, busy.domain_backoff) == ("deferred", 421, True)
+    assert after.state == "sent"
+    assert connections == 2
+
+
+def test_421_mid_session_then_hang_up() -> None:
+    with serve(CloseAfter(3)) as server:
+        outcomes = send_each(server, [f"r{i}@example.org" for i in range(8)])
+        messages = server.handler.wait_for(6)
+        connections = server.connections
+    assert [o.state for o in outcomes] == ["sent"] * 3 + ["deferred"] + ["sent"] * 3 + ["deferred"]
+    assert (outcomes[3].code, outcomes[3].domain_backoff) == (421, True)
+    assert outcomes[3].reply.startswith(f"sender {SENDER} refused: 4.7.0")
+    assert len(messages) == 6
+    assert connections == 2
+
+
+def test_connection_dropped_after_data_defers_without_a_code() -> None:
+    with serve(DropAfterData()) as server:
+        dropped, retry = send_each(server, ["reader@example.org"] * 2)
+        connections = server.connections
+    assert (dropped.state, dropped.code, dropped.domain_backoff) == ("deferred", None, False)
+    assert dropped.reply.startswith("connection dropped during end of data")
+    assert retry.state == "sent"
+    assert connections == 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_deferral() -> None:
+    async def run(server: SmtpServer) -> list[Outcome]:
+        async with pool_for(server) as pool:
+            first = await pool.send(SENDER, "a@example.org", MESSAGE)
+            # Block the loop: the client cannot notice the hang-up before it sends MAIL FROM.
+            time.sleep(0.4)
+            return [first, await pool.send(SENDER, "b@example.org", MESSAGE)]
+
+    with serve(timeout=0.1) as server:  # aiosmtpd hangs up after 0.1 s idle
+        outcomes = asyncio.run(run(server))
+        connections = server.connections
+    assert [o.state for o in outcomes] == ["sent", "sent"]
+    assert connections == 2
+
+
+@pytest.mark.parametrize(
+    ("stage", "timeouts", "step"),
+    [
+        ("rcpt", {"command_timeout": 0.2}, "RCPT TO"),
+        ("data", {"data_timeout": 0.2}, "end of data"),
+    ],
+)
+def test_a_slow_reply_times_out_and_defers(
+    stage: Any, timeouts: dict[str, float], step: str
+) -> None:
+    with serve(Slow(2.0, stage=stage, once=True)) as server:
+        slow, after = send_each(server, ["reader@example.org"] * 2, **timeouts)
+        connections = server.connections
+    assert slow == Outcome("deferred", None, f"timed out after 0.2s waiting for the {step} reply")
+    assert after.state == "sent"
+    assert connections == 2
+
+
+def test_the_data_timeout_not_the_command_timeout_bounds_the_final_reply() -> None:
+    with serve(Slow(0.4, stage="data")) as server:
+        [outcome] = send_each(server, ["reader@example.org"], command_timeout=0.1, data_timeout=2.0)
+    assert outcome.state == "sent"
+
+
+def test_a_server_that_never_greets_times_out_and_defers() -> None:
+    with black_hole() as port:
+        [outcome] = send_each(SmtpSettings("127.0.0.1", port), ["a@x.org"], connect_timeout=0.2)
+    assert outcome == Outcome("deferred", None, f"connect to 127.0.0.1:{port} timed out after 0.2s")
+
+
+def test_a_refused_connection_defers() -> None:
+    port = closed_port()
+    [outcome] = send_each(SmtpSettings("127.0.0.1", port), ["a@example.org"])
+    assert (outcome.state, outcome.code) == ("deferred", None)
+    assert outcome.reply.startswith(f"connect to 127.0.0.1:{port} failed:")
+    assert len(outcome.reply) <= MAX_REPLY and "\n" not in outcome.reply
+
+
+def test_a_421_greeting_defers_with_backoff() -> None:
+    # aiosmtpd cannot refuse its greeting, so greet with 421 from a raw socket server.
+    async def run() -> Outcome:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"421 4.3.2 Service shutting down\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, pool_for(SmtpSettings("127.0.0.1", port)) as pool:
+            return await pool.send(SENDER, "a@example.org", MESSAGE)
+
+    outcome = asyncio.run(run())
+    assert (outcome.state, outcome.code, outcome.domain_backoff) == ("deferred", 421, True)
+
+
+def test_auth() -> None:
+    with serve(auth=("newsletter", "s3cret")) as server:
+        [sent] = send_each(server, ["a@example.org"])
+        with pytest.raises(PermanentDeliveryError, match="refused AUTH as 'newsletter': 535"):
+            send_each(server.settings(password="wrong"), ["a@example.org"])
+        with pytest.raises(PermanentDeliveryError, match="requires AUTH: 530"):
+            send_each(server.settings(username=None, password=None), ["a@example.org"])
+        assert len(server.handler.messages) == 1
+    assert sent.state == "sent"
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit_tls"])
+def test_tls(mode: str) -> None:
+    with serve(**{mode: True}) as server:  # type: ignore[arg-type]
+        [outcome] = send_each(server, ["a@example.org"])
+        # The system's authorities do not know the test CA: a configuration error.
+        with pytest.raises(PermanentDeliveryError, match=r"TLS with SMTP server .* failed"):
+            send_each(server, ["a@example.org"], tls_context=ssl.create_default_context())
+    assert outcome.state == "sent"  # the STARTTLS server refuses MAIL FROM before STARTTLS
+
+
+def test_starttls_required_but_not_offered_is_a_configuration_error() -> None:
+    with serve() as server, pytest.raises(PermanentDeliveryError, match="STARTTLS"):
+        send_each(server.settings(starttls=True), ["a@example.org"])
+
+
+def test_non_ascii_addresses_use_smtputf8() -> None:
+    with serve() as server:
+        [outcome] = send_each(server, ["jürgen@exämple.org"])
+        [message] = server.handler.wait_for(1)
+    assert outcome.state == "sent"
+    assert message.rcpt_tos == ("jürgen@exämple.org",)
+    assert set(message.mail_options) == {"SMTPUTF8", "BODY=8BITMIME"}
+
+
+def test_an_address_that_cannot_go_on_a_command_line_fails_alone() -> None:
+    with serve() as server:
+        bad, good = send_each(server, ["a@example.org> NOTIFY=NEVER", "b@example.org"])
+    assert (bad.state, bad.code, bad.bounce) == ("failed", None, True)
+    assert bad.reply.startswith("invalid recipient: cannot put")
+    assert good.state == "sent"
+
+
+def test_probe() -> None:
+    with serve(auth=("newsletter", "s3cret")) as server:
+        asyncio.run(probe(server.settings(), 2.0))
+        with pytest.raises(PermanentDeliveryError, match="535"):
+            asyncio.run(probe(server.settings(password="wrong"), 2.0))
+    with pytest.raises(SmtpConnectError, match=r"connect to 127\.0\.0\.1:\d+ failed") as info:
+        asyncio.run(probe(SmtpSettings("127.0.0.1", closed_port()), 2.0))
+    assert isinstance(info.value, TransientDeliveryError)
+
+
+def test_close_quits_idle_connections_and_the_pool_refuses_more() -> None:
+    async def run(server: SmtpServer) -> None:
+        pool = pool_for(server)
+        await pool.send(SENDER, "a@example.org", MESSAGE)
+        await pool.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await pool.send(SENDER, "b@example.org", MESSAGE)
+
+    class CountQuits(Recorder):
+        quits = 0
+
+        async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+            CountQuits.quits += 1
+            return "221 Bye"
+
+    with serve(CountQuits()) as server:
+        asyncio.run(run(server))
+    assert CountQuits.quits == 1
