@@ -36,6 +36,11 @@ demo: venv
 	done; done
 	$(BIN)/python examples/make_sample_list.py var/sample-readers.csv
 	$(BIN)/mailer subscribers import var/sample-readers.csv
+	$(BIN)/mailer segments save paying 'tier:paid,comped'
+	@for expr in all tier:free tier:trial tier:paid tier:comped 'tier:free AND tag:politics' @paying; do \
+		n=$$($(BIN)/mailer segments count "$$expr") || exit 1; printf '  %-28s %s\n' "$$expr" "$$n"; \
+	done
+	$(BIN)/python examples/demo_send.py
 
 test: venv lint
 	$(BIN)/pytest

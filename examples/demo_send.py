@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -53,6 +54,15 @@ def broker_answers(url: str) -> bool:
         return False
 
 
+def wait_for_worker(timeout: float = 30.0) -> None:
+    from worker.app import app
+
+    deadline = time.monotonic() + timeout
+    while not app.control.ping(timeout=1.0):
+        if time.monotonic() > deadline:
+            raise SystemExit("the Celery worker did not start; see its output above")
+
+
 def main() -> int:
     settings = load_settings()
     OUTBOX.mkdir(parents=True, exist_ok=True)
@@ -82,6 +92,7 @@ def main() -> int:
                 env=env,
                 start_new_session=True,
             )
+            wait_for_worker()
         else:
             print(f"broker {settings.broker_url} does not answer: delivering in-process")
         sent = subprocess.run(
