@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -292,6 +293,28 @@ def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
         received = by_recipient(server.handler.messages)
     assert received == Counter(list(setup.readers))
     assert setup.info(send_id).status == "done"
+
+
+def test_a_pause_mid_batch_strands_nobody(setup: Setup) -> None:
+    with serve(Slow(0.02)) as server:
+        settings = setup.settings(server.settings().port, MAILER_BATCH_SIZE="30")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        running = threading.Thread(target=runtime.run_batch, args=(send_id, 0))
+        running.start()
+        server.handler.wait_for(5)
+        with db.session(setup.engine) as session:
+            sends.pause(session, send_id)
+        running.join(timeout=30)
+        assert setup.info(send_id).counts["sending"] == 0
+        with db.session(setup.engine) as session:
+            sends.start(session, send_id)
+        run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    info = setup.info(send_id)
+    assert info.counts["unknown"] == 0 and info.status == "done"
 
 
 def test_messages_in_flight_at_a_crash_become_unknown_and_are_not_resent(setup: Setup) -> None:

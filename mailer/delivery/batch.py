@@ -57,7 +57,6 @@ from mailer.errors import PermanentDeliveryError
 from mailer.tracking.tokens import Signer
 
 MAX_BACKOFF_S = 3600.0
-STATUS_CHECK_S = 0.5  # how often a running batch notices a pause or cancel
 
 
 class Sender(Protocol):
@@ -260,6 +259,11 @@ class _Ledger:
                         .where(
                             DeliveryRow.id.in_(claims),
                             DeliveryRow.state.in_(("queued", "deferred")),
+                            # Checked in the claim itself: a row claimed just after a pause
+                            # would be skipped by its lane and stranded in ``sending``.
+                            select(SendRow.id)
+                            .where(SendRow.id == self.send_id, SendRow.status == "sending")
+                            .exists(),
                         )
                         .values(state="sending", attempts=DeliveryRow.attempts + 1)
                         .returning(DeliveryRow.id)
