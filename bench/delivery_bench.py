@@ -25,7 +25,6 @@ import datetime as dt
 import os
 import random
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -42,8 +41,9 @@ import aiosmtplib
 import psycopg
 import redis
 from celery import Celery
-from sqlalchemy import Engine, create_engine, func, make_url, select, text
+from sqlalchemy import Engine, func, select, text
 
+from bench.databases import postgres_database
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
 from mailer.config import load_settings
@@ -71,9 +71,6 @@ SENDS = [
     for c, b in (s.split("x") for s in os.environ.get("BENCH_SENDS", "64x500,16x500").split(","))
 ]
 HTML_BYTES = 20_000
-PG_ADMIN = make_url(
-    os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-)
 BROKER = "redis://127.0.0.1:6379/12"  # this benchmark's own Redis database: flushed
 BIN = Path(sys.executable).parent
 SLUG = "delivery-bench"
@@ -245,22 +242,6 @@ def baseline_loop(sink: Sink, message: bytes) -> float:
     start = time.perf_counter()
     asyncio.run(run())
     return LOOP_MESSAGES / (time.perf_counter() - start)
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"mailer_bench_{secrets.token_hex(4)}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield PG_ADMIN.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 @contextmanager

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import resource
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
+from bench.databases import postgres_database
 from mailer import db
 from mailer.subscribers import import_csv
 
 ROWS = 1_000_000
-PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DOMAINS = ["gmail.com", "yahoo.com", "outlook.com", "proton.me", "fastmail.com", "example.org"]
 TAGS = ["politics", "culture", "science", "sport", "local", "weekly"]
 CITIES = ["Paris", "Zürich", "Lisbon", "Oslo", "Kraków", "Porto", ""]
@@ -100,17 +96,8 @@ def main() -> list[tuple[str, float, str]]:
         path = Path(tmp) / "readers.csv"
         generate(path, ROWS)
         results = rows_for("SQLite", f"sqlite:///{tmp}/bench.db", path)
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        name = f"mailer_bench_{secrets.token_hex(4)}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = admin.url.set(database=name).render_as_string(hide_password=False)
+        with postgres_database() as url:
             results += rows_for("PostgreSQL", url, path)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
     return results
 
 

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, insert, make_url, text
+from sqlalchemy import Connection, Engine, insert, text
 
 from bench.compose_bench import best_of
+from bench.databases import postgres_database
 from mailer import db, segments
 from mailer.db.models import SubscriberRow, SubscriberTagRow
 
 N = 1_000_000
 CHUNK = 50_000
 EXPR = "tier:free AND tag:politics"
-ADMIN_URL = make_url("postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 TIERS = {"free": 0.40, "paid": 0.35, "trial": 0.15, "comped": 0.10}
 STATUSES = {"active": 0.90, "unsubscribed": 0.06, "bounced": 0.03, "complained": 0.01}
@@ -118,22 +117,6 @@ def load_postgres(connection: Connection) -> None:
 def sqlite_database() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mailer_bench_") as folder:
         yield f"sqlite:///{Path(folder) / 'bench.db'}"
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"mailer_bench_{secrets.token_hex(4)}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield ADMIN_URL.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def measure(
