@@ -54,6 +54,9 @@ class Settings:
     retry_backoff: float  # seconds before the first retry; doubles with each attempt
     batch_size: int
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
+    stripe_webhook_secret: str  # empty: the tracker refuses every webhook
+    attribution_days: int
+    tracker_flush_interval: float  # seconds between writes of buffered tracking events
 
     @property
     def from_email(self) -> str:
@@ -137,6 +140,12 @@ def _secret_keys(value: str) -> tuple[str, ...]:
     if not keys or any(len(k) < 16 for k in keys):
         raise ValueError("each comma-separated key must be at least 16 characters")
     return keys
+
+
+def _optional_secret(value: str) -> str:
+    if any(ch.isspace() for ch in value):
+        raise ValueError("must not contain whitespace")
+    return value
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -334,6 +343,27 @@ FIELDS: tuple[Field, ...] = (
         "60s",
         "How long a batch stays with a worker that stopped answering before another takes it",
     ),
+    Field(
+        "MAILER_STRIPE_WEBHOOK_SECRET",
+        "stripe_webhook_secret",
+        _optional_secret,
+        "",
+        "Stripe webhook signing secret (whsec_...); empty: webhooks are refused",
+    ),
+    Field(
+        "MAILER_ATTRIBUTION_DAYS",
+        "attribution_days",
+        _int_between(1, 365),
+        "30",
+        "A trial or conversion is credited to the last click (else human open) this recent",
+    ),
+    Field(
+        "MAILER_TRACKER_FLUSH_INTERVAL",
+        "tracker_flush_interval",
+        _duration,
+        "1s",
+        "How often the tracker writes its buffered events to the database",
+    ),
 )
 
 
@@ -357,6 +387,7 @@ def load_settings(
             parsed[field.attr] = field.parse(raw)
         except ValueError as exc:
             # Never echo a secret back: keys and SMTP passwords end up in logs.
-            shown = "" if field.attr in ("secret_keys", "smtp") else f" (got {raw!r})"
+            secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret")
+            shown = "" if secret else f" (got {raw!r})"
             raise ConfigError(f"{field.env}: {exc}{shown}") from None
     return Settings(**parsed)
