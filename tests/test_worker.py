@@ -1,4 +1,5 @@
-"""A real Celery worker on the real Redis: killed with SIGKILL mid-batch, then restarted.
+"""A real Celery worker on the real Redis: killed with SIGKILL mid-batch, then restarted;
+and Flower watching its tasks.
 
 The send completes with no reader missed and none mailed twice, except the messages in flight
 at the kill: those are ``unknown``, and not resent.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
+import httpx
 import pytest
 import redis
 from smtp_servers import Slow, serve, wait_until
@@ -135,3 +139,92 @@ def test_sigkill_mid_batch_then_restart(
     assert sent <= set(received), "every reader marked sent got the message"
     assert set(received) - sent <= unknown, "only in-flight messages are unaccounted for"
     assert len(unknown) <= CONCURRENCY, "only what was in flight at the kill is unknown"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_flower_sees_the_batch_tasks(
+    engine: Engine, db_url: str, broker: str, tmp_path: Path
+) -> None:
+    with db.session(engine) as session:
+        session.add_all(
+            SubscriberRow(
+                email=f"f{i}@example.com",
+                email_key=f"f{i}@example.com",
+                domain="example.com",
+                tier="free",
+            )
+            for i in range(6)
+        )
+    (tmp_path / "post.md").write_text(POST)
+    port = _free_port()
+    with serve() as server:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+            "MAILER_DATABASE_URL": db_url,
+            "MAILER_BROKER_URL": broker,
+            "MAILER_SMTP_URL": f"smtp://127.0.0.1:{server.settings().port}",
+            "MAILER_BATCH_SIZE": "2",
+            "FLOWER_UNAUTHENTICATED_API": "true",
+        }
+        flower = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker.app",
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+            ],
+            env=env,
+            stdout=(tmp_path / "flower.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        worker = start_worker(env, tmp_path / "worker.log")
+        try:
+            api = f"http://127.0.0.1:{port}/api/tasks"
+            wait_until(lambda: _get_json(api) is not None, timeout=30)
+            for args in (
+                ("posts", "add", "post.md"),
+                ("send", "killed-mid-batch", "--segment", "all", "--yes"),
+            ):
+                done = subprocess.run(
+                    [str(BIN / "mailer"), *args],
+                    env=env,
+                    cwd=tmp_path,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert done.returncode == 0, done.stderr
+
+            def batches_done() -> bool:
+                tasks = _get_json(api) or {}
+                return (
+                    sum(
+                        t["name"] == "mailer.deliver_batch" and t["state"] == "SUCCESS"
+                        for t in tasks.values()
+                    )
+                    == 3
+                )
+
+            # Flower learns of tasks only from their events: this fails if events are off.
+            wait_until(batches_done, timeout=30)
+        finally:
+            for process in (worker, flower):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+    assert len(server.handler.messages) == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    try:
+        return cast(dict[str, Any], httpx.get(url, timeout=2).json())
+    except (httpx.HTTPError, ValueError):
+        return None
