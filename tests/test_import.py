@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, inspect, select
 
 from mailer import db, subscribers
 from mailer.db.models import SubscriberEventRow, SubscriberRow, SubscriberTagRow
@@ -171,6 +171,27 @@ def test_duplicates_across_chunks(
     result = import_csv(engine, write(tmp_path, "email,name\n" + "\n".join(lines) + "\n"))
     assert (result.rows, result.created, result.duplicates, result.rejected) == (9, 7, 1, 1)
     assert reader(engine, "r1@example.com").name == "last"
+
+
+def test_bulk_load_keeps_its_foreign_keys(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A load that at least doubles the list has its foreign keys checked once at the end.
+    monkeypatch.setattr(importer_module, "BULK_LOAD", 2)
+    lines = [f"r{n}@example.com,r{n},paid,news;local" for n in range(5)]
+    result = import_csv(engine, write(tmp_path, "email,name,tier,tags\n" + "\n".join(lines)))
+    assert result.created == 5
+    after = state(engine)
+    assert len(after["tags"]) == 10 and after["events"] == 10
+    keys = {
+        (table, fk["referred_table"])
+        for table in ("subscriber_events", "subscriber_tags")
+        for fk in inspect(engine).get_foreign_keys(table)
+    }
+    assert {("subscriber_events", "subscribers"), ("subscriber_tags", "subscribers")} <= keys
+    with db.session(engine) as s:  # and they still cascade
+        s.execute(delete(SubscriberRow))
+    assert state(engine)["events"] == 0
 
 
 def test_bad_rows_go_to_the_rejects_file_with_their_lines(engine: Engine, tmp_path: Path) -> None:

@@ -126,30 +126,36 @@ def compose(
     ``subject_prefix`` marks test sends ("[Test] ") without touching the body.
     """
     nonce = secrets.token_hex(8)
-    marker = f"@@{nonce}:{{ctx}}:{{name}}@@"
-    links = _Links(marker)
-    day = post.date or today or dt.date.today()
-    subject = subject_prefix + post.title
-    paid = _variant(post, publication, "paid", day, nonce, marker, links, subject)
-    free = (
-        _variant(post, publication, "free", day, nonce, marker, links, subject)
-        if post.has_paywall
-        else paid
+    links = _Links(f"@@{nonce}:{{ctx}}:{{name}}@@")
+    shared = _Shared(
+        post, publication, post.date or today or dt.date.today(), subject_prefix + post.title, nonce
     )
+    paid = _variant(shared, links, "paid")
+    free = _variant(shared, links, "free") if post.has_paywall else paid
     urls = tuple(sorted(links.numbers, key=links.numbers.__getitem__))
     return Composition(free=free, paid=paid, links=urls)
 
 
-def _variant(
-    post: Post,
-    pub: Publication,
-    variant: Variant,
-    day: dt.date,
-    nonce: str,
-    marker: str,
-    links: _Links,
-    subject: str,
-) -> MessageTemplate:
+@dataclass(frozen=True)
+class _Shared:
+    """What both variants of one composition have in common."""
+
+    post: Post
+    pub: Publication
+    day: dt.date
+    subject: str
+    nonce: str
+
+
+def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplate:
+    post, pub, day, subject, nonce = (
+        shared.post,
+        shared.pub,
+        shared.day,
+        shared.subject,
+        shared.nonce,
+    )
+    marker = links.marker
     paywall = variant == "free" and post.has_paywall
     body_md = post.free_body if paywall and post.free_body is not None else post.body
     body_html = markdown.to_html(body_md)
