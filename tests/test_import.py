@@ -176,7 +176,7 @@ def test_duplicates_across_chunks(
 def test_bulk_load_keeps_its_foreign_keys(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A load that at least doubles the list has its foreign keys checked once at the end.
+    # A load that at least doubles the list builds its indexes and foreign keys at the end.
     monkeypatch.setattr(importer_module, "BULK_LOAD", 2)
     lines = [f"r{n}@example.com,r{n},paid,news;local" for n in range(5)]
     result = import_csv(engine, write(tmp_path, "email,name,tier,tags\n" + "\n".join(lines)))
@@ -189,6 +189,9 @@ def test_bulk_load_keeps_its_foreign_keys(
         for fk in inspect(engine).get_foreign_keys(table)
     }
     assert {("subscriber_events", "subscribers"), ("subscriber_tags", "subscribers")} <= keys
+    for table in (SubscriberRow, SubscriberEventRow, SubscriberTagRow):
+        declared = {ix.name for ix in table.__table__.indexes}  # type: ignore[attr-defined]
+        assert declared <= {ix["name"] for ix in inspect(engine).get_indexes(table.__tablename__)}
     with db.session(engine) as s:  # and they still cascade
         s.execute(delete(SubscriberRow))
     assert state(engine)["events"] == 0
