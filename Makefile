@@ -50,8 +50,15 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: venv
+# The benchmarks' reference servers and load generators, from Debian's packages.
+BENCH_TOOLS := /usr/sbin/smtp-sink /usr/bin/wrk /usr/sbin/nginx
+
+bench: venv $(BENCH_TOOLS)
 	$(BIN)/python -m bench.run
+
+$(BENCH_TOOLS):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix wrk nginx-light
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var

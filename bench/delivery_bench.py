@@ -25,14 +25,12 @@ import datetime as dt
 import os
 import random
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +42,7 @@ from celery import Celery
 from sqlalchemy import Engine, func, select, text
 
 from bench.databases import postgres_database
+from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
 from mailer.config import load_settings
@@ -68,7 +67,7 @@ PROCESSES = _env_int("BENCH_WORKER_PROCESSES", 2)  # prefork processes per worke
 # "concurrency x batch size" per whole send; 16x500 are the shipped defaults.
 SENDS = [
     (int(c), int(b))
-    for c, b in (s.split("x") for s in os.environ.get("BENCH_SENDS", "64x500,16x500").split(","))
+    for c, b in (s.split("x") for s in os.environ.get("BENCH_SENDS", "16x500,64x500").split(","))
 ]
 HTML_BYTES = 20_000
 BROKER = "redis://127.0.0.1:6379/12"  # this benchmark's own Redis database: flushed
@@ -112,32 +111,6 @@ class SendResult:
     rss_worker: float  # the largest sum of peaks over one worker's processes, MB
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout:g}s")
-        time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """TERM the process group (a worker's pool children too), KILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _pids_in_group(pgid: int) -> list[int]:
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -175,7 +148,7 @@ def _peak_rss_mb(pids: list[int]) -> list[float]:
 
 @contextmanager
 def smtp_sink(folder: Path) -> Iterator[Sink]:
-    port = _free_port()
+    port = free_port()
     log = folder / "smtp-sink.log"
     # -c: running counters (one short line per message), how we confirm every message arrived.
     # As root it must drop privileges (-u).
@@ -188,18 +161,10 @@ def smtp_sink(folder: Path) -> Iterator[Sink]:
             start_new_session=True,
         )
     try:
-
-        def accepts() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        _wait_for(accepts, 10, "smtp-sink")
+        wait_for(lambda: accepts(port), 10, "smtp-sink")
         yield Sink(port, process.pid, log)
     finally:
-        _stop(process)
+        stop(process)
 
 
 def baseline_source(sink: Sink) -> float:
@@ -340,11 +305,11 @@ def celery_workers(env: dict[str, str], folder: Path) -> Iterator[list[subproces
                     )
                 )
         with Celery(broker=BROKER) as app:
-            _wait_for(lambda: len(app.control.ping(timeout=0.5)) >= WORKERS, 60, "workers")
+            wait_for(lambda: len(app.control.ping(timeout=0.5)) >= WORKERS, 60, "workers")
         yield started
     finally:
         for worker in started:
-            _stop(worker)
+            stop(worker)
 
 
 def _wait_for_sink(sink: Sink, done: Callable[[], bool]) -> None:
