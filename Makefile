@@ -41,6 +41,7 @@ demo: venv
 		n=$$($(BIN)/mailer segments count "$$expr") || exit 1; printf '  %-28s %s\n' "$$expr" "$$n"; \
 	done
 	$(BIN)/python examples/demo_send.py
+	$(BIN)/python examples/demo_track.py
 
 test: venv lint
 	$(BIN)/pytest

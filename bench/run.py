@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import compose_bench, delivery_bench, import_bench, segments_bench
+from bench import compose_bench, delivery_bench, import_bench, segments_bench, tracker_bench
 from bench.machine import describe
 
 
@@ -14,6 +14,7 @@ def main() -> None:
         *import_bench.main(),
         *segments_bench.main(),
         *delivery_bench.main(),
+        *tracker_bench.main(),
     ]:
         print(f"| {name} | {value:.1f} | {note} |")
 

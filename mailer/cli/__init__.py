@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mailer.cli import db, posts, preview, segments, sends, subscribers
+from mailer.cli import db, posts, preview, segments, sends, stats, subscribers, tracker
 from mailer.cli.common import remember_invocation
 from mailer.errors import MailerError
 
@@ -31,6 +31,8 @@ app.add_typer(segments.app)
 app.command()(preview.preview)
 app.command()(sends.send)
 app.add_typer(sends.app)
+app.command()(stats.stats)
+app.add_typer(tracker.app)
 
 
 def main() -> None:

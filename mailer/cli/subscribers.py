@@ -12,11 +12,12 @@ from typing import Annotated, Any
 import typer
 
 from mailer import subscribers
-from mailer.cli.common import engine, print_json
+from mailer.cli.common import engine, print_json, settings
 from mailer.db import session
 from mailer.subscribers import Subscriber, SubscriberEvent, parse_tier, parse_when
 from mailer.subscribers.csvfile import replacing
 from mailer.subscribers.importer import Progress
+from mailer.tracking.attribution import change_tier
 
 app = typer.Typer(
     name="subscribers", help="Import, export and manage readers.", no_args_is_help=True
@@ -184,10 +185,21 @@ def set_tier(
         typer.Option(help="With tier trial: when it ends (ISO date or datetime, UTC)."),
     ] = None,
 ) -> None:
-    """Move a reader to another tier (recorded as an event)."""
+    """Move a reader to another tier (recorded as an event).
+
+    Free to trial, to paid, and back to free are billing milestones, as when Stripe reports
+    them (this is the way in for other billing systems): credited to the send the reader last
+    clicked, else opened, within MAILER_ATTRIBUTION_DAYS.
+    """
     ends = parse_when(trial_ends, "--trial-ends") if trial_ends is not None else None
     with session(engine()) as s:
-        reader = subscribers.set_tier(s, email, parse_tier(tier), trial_ends_at=ends)
+        reader = change_tier(
+            s,
+            email,
+            parse_tier(tier),
+            trial_ends_at=ends,
+            attribution_days=settings().attribution_days,
+        )
     typer.echo(f"{reader.email} is now {reader.tier}")
 
 

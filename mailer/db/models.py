@@ -348,3 +348,19 @@ class BillingEventRow(Base):
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[dt.datetime] = _created()
+
+
+class BillingCustomerRow(Base):
+    """A billing provider's customer id and its reader.
+
+    Webhooks after the first (a conversion, a cancellation) name only the customer id, not
+    an address or our reference, so the reader found the first time is remembered here.
+    """
+
+    __tablename__ = "billing_customers"
+    __table_args__ = (Index(None, "subscriber_id"),)  # erasing a reader cascades through it
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(Id, ForeignKey("subscribers.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = _created()

@@ -102,14 +102,22 @@ def history(session: Session, email: str, limit: int = 20) -> tuple[SubscriberEv
 
 
 def set_tier(
-    session: Session, email: str, tier: Tier, *, trial_ends_at: dt.datetime | None = None
+    session: Session,
+    email: str,
+    tier: Tier,
+    *,
+    trial_ends_at: dt.datetime | None = None,
+    at: dt.datetime | None = None,
 ) -> Subscriber:
-    """Move a reader to ``tier``; ``trial_ends_at`` only goes with the trial tier."""
+    """Move a reader to ``tier``; ``trial_ends_at`` only goes with the trial tier.
+
+    ``at`` (default now) dates the event: a billing webhook dates it and its milestone alike.
+    """
     tier = parse_tier(tier)
     if trial_ends_at is not None and tier != "trial":
         raise InputError(f"a trial end date only goes with tier trial, not {tier}")
     row = _row(session, email)
-    now = utcnow()
+    now = at or utcnow()
     if row.tier != tier:
         _record(session, row.id, TIER_CHANGED, row.tier, tier, now)
         row.tier = tier

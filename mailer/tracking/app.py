@@ -1,0 +1,307 @@
+"""The tracker: open pixels, tracked links, one-click unsubscribes and Stripe webhooks.
+
+Opens and clicks never wait on the database: the answer goes out first, then the event is
+appended to the buffer, and a ``Flusher`` started with the app writes it in the background.
+A token that does not verify, or names another route's kind, gets a plain 404 and records
+nothing. ``create_app`` takes everything it needs as arguments; it reads no settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Literal
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from mailer import db
+from mailer.db.models import LinkRow
+from mailer.errors import MailerError
+from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher, unsubscribe_by_id
+from mailer.tracking.tokens import Kind, Signer, Token
+
+log = logging.getLogger(__name__)
+
+StripeWebhook = Callable[[bytes, str | None], int]  # (payload, Stripe-Signature) → HTTP status
+
+# A transparent 1x1 GIF: the smallest image every mail client renders.
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+NO_STORE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate, private, max-age=0",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+# Our pages load nothing, embed nothing and post only to themselves.
+PAGE_HEADERS = NO_STORE | {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex",
+}
+ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058
+MAX_FORM_BYTES = 8192
+LINK_CACHE_SENDS = 256
+PREVIEW_SEND_ID = 0  # mailer.preview signs sample tokens for send 0: never counted
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>body{{font:17px/1.5 system-ui,sans-serif;max-width:32em;margin:4em auto;padding:0 1em}}
+button{{font:inherit;padding:.5em 1.2em;cursor:pointer}}</style></head>
+<body><h1>{title}</h1>{body}</body></html>
+"""
+CONFIRM_PAGE = _PAGE.format(
+    title="Unsubscribe",
+    body=(
+        "<p>Stop receiving this newsletter?</p>"
+        '<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        '<button type="submit">Unsubscribe</button></form>'
+    ),
+)
+DONE_PAGE = _PAGE.format(
+    title="You are unsubscribed", body="<p>You will not receive this newsletter again.</p>"
+)
+
+
+def _not_found() -> Response:
+    return PlainTextResponse("not found\n", status_code=404)
+
+
+class _Links:
+    """Each send's links, read once and kept for the most recent ``size`` sends."""
+
+    def __init__(self, engine: Engine, size: int = LINK_CACHE_SENDS) -> None:
+        self._engine = engine
+        self._size = size
+        self._sends: OrderedDict[int, Mapping[int, str]] = OrderedDict()
+
+    async def url(self, send_id: int, link_no: int) -> str | None:
+        links = self._sends.get(send_id)
+        if links is None:
+            links = await run_in_threadpool(self._load, send_id)
+            self._sends[send_id] = links
+            if len(self._sends) > self._size:
+                self._sends.popitem(last=False)
+        else:
+            self._sends.move_to_end(send_id)
+        return links.get(link_no)
+
+    def _load(self, send_id: int) -> Mapping[int, str]:
+        with db.session(self._engine) as session:
+            rows = session.execute(
+                select(LinkRow.link_no, LinkRow.url).where(LinkRow.send_id == send_id)
+            )
+            return {link_no: url for link_no, url in rows}
+
+
+class Tracker:
+    """The request handlers, with what they share."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        signer: Signer,
+        site_url: str,
+        buffer: Buffer,
+        *,
+        trust_proxy: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.signer = signer
+        self.buffer = buffer
+        self.trust_proxy = trust_proxy
+        self.links = _Links(engine)
+        self._subscribe = urlsplit(site_url.rstrip("/") + "/subscribe")
+
+    def token(self, request: Request, kind: Kind) -> Token | None:
+        token = self.signer.verify(request.path_params["token"])
+        if token is None or token.kind != kind or token.send_id == PREVIEW_SEND_ID:
+            return None
+        return token
+
+    def event(
+        self,
+        request: Request,
+        kind: EventKind,
+        token: Token,
+        *,
+        link_no: int | None = None,
+        pending_unsubscribe: bool = False,
+    ) -> Event:
+        return Event(
+            kind=kind,
+            send_id=token.send_id,
+            subscriber_id=token.subscriber_id,
+            at=time.time(),
+            user_agent=request.headers.get("user-agent", ""),
+            ip=self.client_ip(request),
+            link_no=link_no,
+            pending_unsubscribe=pending_unsubscribe,
+        )
+
+    def client_ip(self, request: Request) -> str | None:
+        forwarded = request.headers.get("x-forwarded-for") if self.trust_proxy else None
+        if forwarded:
+            first = forwarded.split(",", 1)[0].strip()
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(first))
+        return request.client.host if request.client else None
+
+    async def pixel(self, request: Request) -> Response:
+        token = self.token(request, Kind.OPEN)
+        if token is None:
+            return _not_found()
+        self.buffer.put(self.event(request, "open", token))
+        return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
+
+    async def click(self, request: Request) -> Response:
+        token = self.token(request, Kind.CLICK)
+        if token is None:
+            return _not_found()
+        try:
+            url = await self.links.url(token.send_id, token.link_no)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read links of send %d: %s", token.send_id, exc)
+            return PlainTextResponse("try again shortly\n", 503, {"Retry-After": "5"})
+        if url is None:
+            return _not_found()
+        if self.is_subscribe_page(url):
+            ref = self.signer.sign(Token(Kind.REF, token.send_id, token.subscriber_id))
+            url = with_query(url, mailer_ref=ref)
+        self.buffer.put(self.event(request, "click", token, link_no=token.link_no))
+        return RedirectResponse(url, 302, headers=NO_STORE)
+
+    def is_subscribe_page(self, url: str) -> bool:
+        parts = urlsplit(url)
+        site = self._subscribe
+        return (parts.scheme, parts.netloc) == (site.scheme, site.netloc) and (
+            parts.path == site.path or parts.path.startswith(site.path + "/")
+        )
+
+    async def confirm(self, request: Request) -> Response:
+        if self.token(request, Kind.UNSUBSCRIBE) is None:
+            return _not_found()
+        return HTMLResponse(CONFIRM_PAGE, headers=PAGE_HEADERS)
+
+    async def unsubscribe(self, request: Request) -> Response:
+        token = self.token(request, Kind.UNSUBSCRIBE)
+        if token is None:
+            return _not_found()
+        if not one_click(request.headers.get("content-type", ""), await _body(request)):
+            return PlainTextResponse("expected List-Unsubscribe=One-Click\n", 400)
+        outcome = await run_in_threadpool(self.unsubscribe_now, token.subscriber_id)
+        if outcome == "erased":
+            return HTMLResponse(DONE_PAGE, headers=PAGE_HEADERS)
+        event = self.event(request, "unsubscribe", token, pending_unsubscribe=outcome == "later")
+        try:
+            await self.buffer.append(event)
+        except MailerError as exc:
+            # Done already, the event was only a record; left for later, it was the request.
+            log.warning("unsubscribe event of reader %d lost: %s", token.subscriber_id, exc)
+            if outcome == "later":
+                return PlainTextResponse("try again shortly\n", 503, {"Retry-After": "30"})
+        return HTMLResponse(DONE_PAGE, headers=PAGE_HEADERS)
+
+    def unsubscribe_now(self, subscriber_id: int) -> Literal["done", "erased", "later"]:
+        try:
+            with db.session(self.engine) as session:
+                return "done" if unsubscribe_by_id(session, subscriber_id) else "erased"
+        except SQLAlchemyError as exc:
+            log.warning("unsubscribe of reader %d left to the flusher: %s", subscriber_id, exc)
+            return "later"
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, or nothing if it is larger than any one-click form."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return b""
+    return body
+
+
+def one_click(content_type: str, body: bytes) -> bool:
+    """Whether a POST body carries List-Unsubscribe=One-Click (RFC 8058 allows both forms)."""
+    if content_type.lower().startswith("multipart/form-data"):
+        head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+        message = BytesParser(policy=HTTP).parsebytes(head + body)
+        return any(
+            part.get_param("name", header="content-disposition") == ONE_CLICK[0]
+            and part.get_payload(decode=True) == ONE_CLICK[1].encode()
+            for part in message.iter_parts()
+        )
+    fields = parse_qs(body.decode("latin-1"))
+    return fields.get(ONE_CLICK[0]) == [ONE_CLICK[1]]
+
+
+def with_query(url: str, **params: str) -> str:
+    """``url`` with ``params`` added to its query (any of the same names replaced)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    return urlunsplit(parts._replace(query=urlencode([*query, *params.items()])))
+
+
+def create_app(
+    *,
+    engine: Engine,
+    signer: Signer,
+    site_url: str,
+    buffer: Buffer,
+    flush_interval: float = 1.0,
+    stripe_webhook: StripeWebhook | None = None,
+    trust_proxy: bool = False,
+) -> Starlette:
+    """The tracker as an ASGI app.
+
+    Its lifespan runs a ``Flusher`` writing ``buffer`` to ``engine`` every ``flush_interval``
+    seconds, and once more at shutdown. ``stripe_webhook(payload, signature)`` answers
+    ``POST /webhooks/stripe`` (in a thread); without it the route does not exist.
+    ``trust_proxy``: take the client address from X-Forwarded-For (its first address).
+    """
+    tracker = Tracker(engine, signer, site_url, buffer, trust_proxy=trust_proxy)
+    routes = [
+        Route("/o/{token}.gif", tracker.pixel, methods=["GET"]),
+        Route("/c/{token}", tracker.click, methods=["GET"]),
+        Route("/u/{token}", tracker.confirm, methods=["GET"]),
+        Route("/u/{token}", tracker.unsubscribe, methods=["POST"]),
+    ]
+    if stripe_webhook is not None:
+        routes.append(Route("/webhooks/stripe", _webhook(stripe_webhook), methods=["POST"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        flusher = asyncio.create_task(Flusher(engine, buffer).run(flush_interval, stop))
+        try:
+            yield
+        finally:
+            await buffer.aclose()  # stores what requests queued...
+            stop.set()
+            await flusher  # ...for the flusher's last round to write
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _webhook(handle: StripeWebhook) -> Callable[[Request], Awaitable[Response]]:
+    async def stripe(request: Request) -> Response:
+        payload = await request.body()
+        status = await run_in_threadpool(handle, payload, request.headers.get("stripe-signature"))
+        return Response(status_code=status)
+
+    return stripe

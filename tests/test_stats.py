@@ -1,0 +1,236 @@
+"""``mailer stats`` on a hand-built ledger and events, on both backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from test_cli import assert_one_error_line, mailer
+from typer.testing import CliRunner
+
+from mailer import db, subscribers
+from mailer.cli import app
+from mailer.db.models import (
+    DeliveryRow,
+    DeliveryState,
+    PostRow,
+    SendRow,
+    SendVariantRow,
+    TrackingEventRow,
+    Variant,
+)
+from mailer.errors import NotFoundError
+from mailer.stats import Counts, Hour, resolve, send_stats, timeline
+
+START = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+KEYS = {
+    "recipients",
+    "sent",
+    "failed",
+    "bounced",
+    "unique_opens",
+    "human_opens",
+    "machine_opens",
+    "unique_clicks",
+    "unsubscribes",
+    "trial_starts",
+    "conversions",
+    "open_rate",
+    "click_rate",
+    "conversion_rate",
+}
+
+# (variant, state, last reply, events as (kind, classification, minutes after the start))
+READERS: list[tuple[Variant, DeliveryState, str | None, list[tuple[str, str | None, int]]]] = [
+    # human open and click, then converted from a trial (a trial reader gets the paid variant)
+    (
+        "paid",
+        "sent",
+        "250 ok",
+        [("open", "human", 5), ("click", "human", 6), ("converted", None, 90)],
+    ),
+    # a click without an open (images off): a human open all the same; started a trial
+    ("free", "sent", "250 ok", [("click", "human", 30), ("trial_started", None, 31)]),
+    ("free", "sent", "250 ok", [("open", "machine", 1), ("open", "machine", 2)]),  # machine only
+    ("free", "sent", "250 ok", [("open", "machine", 1), ("open", "human", 150)]),  # both
+    ("free", "sent", "250 ok", [("click", "machine", 1)]),  # a link scanner: nothing counts
+    ("paid", "sent", "250 ok", [("open", "human", 61), ("unsubscribe", None, 62)]),
+    ("free", "failed", "550 5.1.1 No such user", []),
+    ("free", "failed", "553 sender news@example.com refused: 5.7.1 Sender rejected", []),
+    ("paid", "failed", "gave up after 6 attempts: 421 try later", []),
+    ("paid", "queued", None, []),
+]
+
+
+@dataclass
+class Sent:
+    engine: Engine
+    send_id: int
+    test_send_id: int
+    older_send_id: int
+
+
+@pytest.fixture
+def sent(engine: Engine) -> Sent:
+    with db.session(engine) as s:
+        post = PostRow(slug="harbour", title="Harbour", audience="paid", body="b", source="p.md")
+        s.add(post)
+        s.flush()
+        older = SendRow(post_id=post.id, segment="all", status="done", started_at=START)
+        send = SendRow(post_id=post.id, segment="all", status="done", started_at=START)
+        test = SendRow(post_id=post.id, segment="all", is_test=True)
+        s.add_all([older, send, test])
+        s.flush()
+        for variant in ("free", "paid"):
+            s.add(
+                SendVariantRow(
+                    send_id=send.id,
+                    variant=variant,
+                    subject="The Harbour",
+                    nonce="n",
+                    template=b"",
+                    html_size=0,
+                )
+            )
+        for n, (variant, state, reply, events) in enumerate(READERS):
+            reader = subscribers.add(s, f"r{n}@example.com").id
+            s.add(
+                DeliveryRow(
+                    send_id=send.id,
+                    subscriber_id=reader,
+                    variant=variant,
+                    batch_no=0,
+                    state=state,
+                    last_reply=reply,
+                )
+            )
+            for kind, classification, minutes in events:
+                s.add(
+                    TrackingEventRow(
+                        kind=kind,
+                        send_id=send.id,
+                        subscriber_id=reader,
+                        classification=classification,
+                        at=START + dt.timedelta(minutes=minutes),
+                    )
+                )
+            # Another send's events, and a second open of the same reader, change nothing.
+            s.add(TrackingEventRow(kind="click", send_id=older.id, subscriber_id=reader,
+                                   classification="human", at=START))  # fmt: skip
+        s.add(TrackingEventRow(kind="open", send_id=send.id, subscriber_id=999_999,
+                               classification="human", at=START))  # fmt: skip  # not in the ledger
+        return Sent(engine, send.id, test.id, older.id)
+
+
+def test_numbers_overall_and_by_variant(sent: Sent) -> None:
+    with db.session(sent.engine) as s:
+        found = send_stats(s, sent.send_id)
+    assert found.by_variant["free"] == Counts(
+        recipients=6,
+        sent=4,
+        failed=2,
+        bounced=1,  # the 550, not the refused sender
+        unique_opens=3,  # click-only, machine-only, both
+        human_opens=2,  # the click implies one; machine-only does not
+        machine_opens=1,
+        unique_clicks=1,
+        unsubscribes=0,
+        trial_starts=1,
+        conversions=0,
+    )
+    assert found.by_variant["paid"] == Counts(
+        recipients=4,
+        sent=2,
+        failed=1,
+        bounced=0,  # gave up after 4xx: not a bounce
+        unique_opens=2,
+        human_opens=2,
+        machine_opens=0,
+        unique_clicks=1,
+        unsubscribes=1,
+        trial_starts=0,
+        conversions=1,
+    )
+    total = found.total
+    assert (total.recipients, total.sent, total.human_opens, total.unique_clicks) == (10, 6, 4, 2)
+    assert (total.open_rate, total.click_rate, total.conversion_rate) == (0.6667, 0.3333, 0.1667)
+    assert found.as_json()["subject"] == "The Harbour"
+
+
+def test_timeline_counts_readers_per_hour(sent: Sent) -> None:
+    with db.session(sent.engine) as s:
+        hours = timeline(s, sent.send_id)
+    assert len(hours) == 24  # a day at least, charted as it is
+    assert hours[0] == Hour(0, human_opens=1, machine_opens=2, clicks=2)  # not 999999
+    assert hours[1] == Hour(1, human_opens=1)
+    assert hours[2] == Hour(2, human_opens=1)
+    assert hours[3:] == [Hour(h) for h in range(3, 24)]
+
+
+def test_slugs_name_the_latest_send_that_is_no_test(sent: Sent) -> None:
+    with db.session(sent.engine) as s:
+        assert resolve(s, "harbour") == sent.send_id
+        assert resolve(s, str(sent.older_send_id)) == sent.older_send_id
+        assert resolve(s, str(sent.test_send_id)) == sent.test_send_id  # by id, it may be a test
+        with pytest.raises(NotFoundError, match="'nope'"):
+            resolve(s, "nope")
+        with pytest.raises(NotFoundError, match="'424242'"):
+            resolve(s, "424242")
+        s.add(PostRow(slug="draft", title="Draft", audience="everyone", body="b", source="d.md"))
+        s.flush()
+        with pytest.raises(NotFoundError, match="'draft' has not been sent"):
+            resolve(s, "draft")
+
+
+def test_cli_json_table_and_html(
+    sent: Sent, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    env = {"MAILER_DATABASE_URL": db_url}
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["stats", "harbour", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)  # one JSON document, nothing else
+    assert set(document) >= KEYS | {"send_id", "slug", "subject", "by_variant"}
+    assert set(document["by_variant"]) == {"free", "paid"}
+    for variant in ("free", "paid"):
+        assert set(document["by_variant"][variant]) == KEYS
+    assert (document["send_id"], document["slug"], document["human_opens"]) == (
+        sent.send_id,
+        "harbour",
+        4,
+    )
+
+    table = runner.invoke(app, ["stats", str(sent.send_id)], env=env)
+    assert table.exit_code == 0, table.output
+    assert "human opens" in table.stdout and "66.7%" in table.stdout
+
+    report = tmp_path / "out" / "report.html"
+    result = runner.invoke(app, ["stats", "harbour", "--html", str(report), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["send_id"] == sent.send_id
+    page = report.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and "<svg" in page and "<polyline" in page
+    assert "The Harbour" in page and "Free → trial → paid" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
+    assert not re.search(r"<(script|link|img|iframe)\b|@import|url\(", page, re.I)
+    assert [p.name for p in report.parent.iterdir()] == ["report.html"]  # no temp file left
+
+
+def test_cli_errors_name_what_is_wrong(sent: Sent, db_url: str, tmp_path: Path) -> None:
+    env = {"MAILER_DATABASE_URL": db_url}
+    assert_one_error_line(mailer(tmp_path, "stats", "no-such-post", **env), "'no-such-post'")
+    (tmp_path / "blocker").write_text("a file, not a folder", encoding="utf-8")
+    unwritable = tmp_path / "blocker" / "report.html"
+    assert_one_error_line(
+        mailer(tmp_path, "stats", "harbour", "--html", str(unwritable), **env), str(unwritable)
+    )
+    assert_one_error_line(
+        mailer(tmp_path, "stats", "harbour", "--html", str(tmp_path), **env), str(tmp_path)
+    )
