@@ -27,7 +27,7 @@ import redis
 import uvicorn
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from mailer import db
 from mailer.db.models import (
@@ -139,7 +139,7 @@ def world(engine: Engine, db_url: str, clean_redis: redis.Redis) -> World:
     return World(engine, db_url, send_id, readers)
 
 
-def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> Starlette:
+def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> ASGIApp:
     return create_app(
         engine=engine,
         signer=signer,
@@ -151,7 +151,7 @@ def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> Starlette:
 
 
 @contextlib.contextmanager
-def running(app: Starlette) -> Iterator[httpx.Client]:
+def running(app: ASGIApp) -> Iterator[httpx.Client]:
     """``app`` under uvicorn in a thread; stopping it runs the lifespan's last flush."""
     config = uvicorn.Config(app, port=0, log_level="warning", proxy_headers=False)
     server = uvicorn.Server(config)

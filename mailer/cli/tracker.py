@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.synchronize import Event as EventType
 from typing import Annotated
 
 import typer
 import uvicorn
 from sqlalchemy import Engine
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
 from mailer.tracking.app import create_app
-from mailer.tracking.ingest import MemoryBuffer, flush_once, open_buffer
+from mailer.tracking.ingest import Flusher, MemoryBuffer, flush_once, open_buffer
 from mailer.tracking.tokens import Signer
 
 app = typer.Typer(name="tracker", help="The tracker: opens, clicks, unsubscribes, webhooks.")
@@ -27,19 +32,59 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Serve the tracker until stopped; SIGTERM writes buffered events before exiting."""
-    settings()  # a bad setting stops here with one line, not in every worker
-    uvicorn.run(
-        f"{__name__}:app_from_settings",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        # X-Forwarded-For is honoured only by create_app(trust_proxy=True), never by uvicorn.
-        proxy_headers=False,
-        server_header=False,
-        access_log=False,  # one line per pixel would cost more than serving it
-        timeout_graceful_shutdown=20,  # then the flusher writes the buffer (compose allows 30 s)
-    )
+    config = settings()  # a bad setting stops here with one line, not in every worker
+    # With Redis, one process of its own writes the events: in a serving process, the flusher
+    # would hold the GIL for milliseconds at a time, and every pixel would wait that long.
+    flusher = None
+    if not isinstance(open_buffer(config.broker_url), MemoryBuffer):
+        context = multiprocessing.get_context("spawn")
+        stop = context.Event()
+        flusher = context.Process(
+            target=_flush_until_stopped, args=(config, stop, os.getpid()), name="flusher"
+        )
+        flusher.start()
+    # uvicorn re-raises the SIGTERM it handled once it has stopped; with the default handler
+    # that would kill this process before it stops the flusher. Note it, stop, then re-raise.
+    caught: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _: caught.append(number))
+    try:
+        uvicorn.run(
+            f"{__name__}:app_from_settings",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            # X-Forwarded-For is honoured only by create_app(trust_proxy=True), never by uvicorn.
+            proxy_headers=False,
+            server_header=False,
+            access_log=False,  # one line per pixel would cost more than serving it
+            timeout_graceful_shutdown=20,  # then the flusher writes the buffer (compose: 30 s)
+        )
+    finally:
+        if flusher is not None:
+            stop.set()  # the server stored what its workers queued: write it all
+            flusher.join(timeout=60)
+    for number in caught[:1]:
+        signal.signal(number, signal.SIG_DFL)
+        signal.raise_signal(number)
+
+
+def _flush_until_stopped(config: Settings, stop: EventType, parent: int) -> None:
+    """The flusher process: writes the buffer every interval until the server has stopped."""
+    # SIGTERM reaches the whole process group; this one waits for the server to finish first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    flusher = Flusher(db.connect(config.database_url), open_buffer(config.broker_url))
+    due = time.monotonic()
+    # Checks every second that the server is still there: if it was killed outright, nobody
+    # would ever set ``stop``.
+    while not stop.wait(min(1.0, config.tracker_flush_interval)) and os.getppid() == parent:
+        if time.monotonic() >= due:
+            flusher.flush_logged()
+            due = time.monotonic() + config.tracker_flush_interval
+    flusher.flush_logged()
+    flusher.buffer.retire(flusher.consumer)
 
 
 @app.command()
@@ -56,17 +101,19 @@ def flush(as_json: JsonFlag = False) -> None:
         typer.echo(f"{written} events written")
 
 
-def app_from_settings() -> Starlette:
+def app_from_settings() -> ASGIApp:
     """The tracker configured from the environment: uvicorn calls this in each worker."""
     config = load_settings()
     database = db.connect(config.database_url)
     signer = Signer(config.secret_keys)
+    buffer = open_buffer(config.broker_url)
     return create_app(
         engine=database,
         signer=signer,
         site_url=config.site_url,
-        buffer=open_buffer(config.broker_url),
-        flush_interval=config.tracker_flush_interval,
+        buffer=buffer,
+        # A MemoryBuffer lives in this process, so its flusher must too; see serve().
+        flush_interval=config.tracker_flush_interval if isinstance(buffer, MemoryBuffer) else None,
         stripe_webhook=functools.partial(_handle_stripe, config, database, signer),
     )
 

@@ -391,13 +391,13 @@ class Flusher:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            await self.flush_logged()
+            await asyncio.to_thread(self.flush_logged)
         await asyncio.to_thread(self.buffer.retire, self.consumer)
 
-    async def flush_logged(self) -> None:
-        """One ``flush`` in a thread; failures are logged, and retried by the next one."""
+    def flush_logged(self) -> None:
+        """One ``flush``; failures are logged, and retried by the next one."""
         try:
-            await asyncio.to_thread(self.flush)
+            self.flush()
         except MailerError as exc:
             log.warning("tracking events stay buffered: %s", exc)
 
