@@ -338,6 +338,18 @@ def test_flushing_again_after_a_crash_before_the_ack_inserts_nothing_twice(
     assert flush_once(world.engine, buffer) == 0
 
 
+def test_a_large_backlog_is_written_in_one_go(world: World) -> None:
+    # Thousands of readers in one batch: a row-value IN list of them overflowed PostgreSQL.
+    buffer = MemoryBuffer()
+    at = utcnow().timestamp()
+    for reader in range(1, 12_001):
+        buffer.put(Event("open", world.send_id, reader, at, user_agent=CHROME))
+    buffer.put(Event("open", world.send_id, world.readers["ann"], at + 120, user_agent=CHROME))
+    assert flush_once(world.engine, buffer) == 12_001
+    [ann] = [e for e in world.events() if e.at.timestamp() == pytest.approx(at + 120, abs=0.01)]
+    assert (ann.user_agent, ann.classification) == (CHROME, "human")
+
+
 def unreachable(db_url: str, tmp_path: Path) -> Engine:
     """The same backend, but a database that cannot be written."""
     url = make_url(db_url)
