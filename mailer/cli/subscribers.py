@@ -187,9 +187,7 @@ def set_tier(
 ) -> None:
     """Move a reader to another tier (recorded as an event).
 
-    Free to trial, to paid, and back to free are billing milestones, as when Stripe reports
-    them (this is the way in for other billing systems): credited to the send the reader last
-    clicked, else opened, within MAILER_ATTRIBUTION_DAYS.
+    Trial starts, conversions and cancellations count as billing milestones, as from Stripe.
     """
     ends = parse_when(trial_ends, "--trial-ends") if trial_ends is not None else None
     with session(engine()) as s:
