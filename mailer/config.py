@@ -57,6 +57,7 @@ class Settings:
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
     attribution_days: int
     tracker_flush_interval: float  # seconds between writes of buffered tracking events
+    tracker_trust_proxy: bool  # take the client address from X-Forwarded-For
 
     @property
     def from_email(self) -> str:
@@ -140,6 +141,15 @@ def _secret_keys(value: str) -> tuple[str, ...]:
     if not keys or any(len(k) < 16 for k in keys):
         raise ValueError("each comma-separated key must be at least 16 characters")
     return keys
+
+
+def _bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _optional_secret(value: str) -> str:
@@ -363,6 +373,13 @@ FIELDS: tuple[Field, ...] = (
         _duration,
         "1s",
         "How often the tracker writes its buffered events to the database",
+    ),
+    Field(
+        "MAILER_TRACKER_TRUST_PROXY",
+        "tracker_trust_proxy",
+        _bool,
+        "false",
+        "Behind a reverse proxy: take the reader's address from X-Forwarded-For",
     ),
 )
 

@@ -9,11 +9,10 @@ from typing import Literal
 
 from mailer.compose import Composition, Variant
 from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.tracking.tokens import Signer
+from mailer.tracking.tokens import PREVIEW_SEND_ID, Signer
 
 Format = Literal["html", "text", "eml"]
 SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")
-PREVIEW_SEND_ID = 0  # no send exists yet; the tracker will refuse to count these clicks
 
 
 def render_preview(

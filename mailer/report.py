@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from mailer.stats import Counts, Hour, SendStats
+from mailer.stats import Counts, Hour, SendStats, percent
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 _env = jinja2.Environment(
@@ -61,17 +61,13 @@ def render_html(stats: SendStats, hours: Sequence[Hour], *, generated: dt.dateti
     )
 
 
-def _percent(rate: float) -> str:
-    return f"{rate * 100:.1f}%"
-
-
 def _cards(total: Counts) -> list[Card]:
     return [
         Card("Sent", f"{total.sent:,}", f"of {total.recipients:,} recipients"),
-        Card("Opened by people", _percent(total.open_rate), f"{total.human_opens:,} readers"),
-        Card("Clicked", _percent(total.click_rate), f"{total.unique_clicks:,} readers"),
+        Card("Opened by people", percent(total.open_rate), f"{total.human_opens:,} readers"),
+        Card("Clicked", percent(total.click_rate), f"{total.unique_clicks:,} readers"),
         Card("Trials started", f"{total.trial_starts:,}"),
-        Card("Converted to paid", f"{total.conversions:,}", _percent(total.conversion_rate)),
+        Card("Converted to paid", f"{total.conversions:,}", percent(total.conversion_rate)),
         Card("Unsubscribed", f"{total.unsubscribes:,}"),
         Card("Machine opens only", f"{total.machine_opens:,}", "privacy proxies, scanners"),
         Card("Failed", f"{total.failed:,}", f"{total.bounced:,} bounced"),
@@ -92,7 +88,7 @@ def _funnel(stats: SendStats) -> list[Step]:
         Step(
             label,
             count,
-            _percent(count / first) if first else "-",
+            percent(count / first) if first else "-",
             min(100.0, 100 * count / first) if first else 0.0,
         )
         for label, count in steps

@@ -119,7 +119,12 @@ class SendStats:
 
 
 def _shown(value: int | float) -> str:
-    return f"{value * 100:.1f}%" if isinstance(value, float) else f"{value:,}"
+    return percent(value) if isinstance(value, float) else f"{value:,}"
+
+
+def percent(rate: float) -> str:
+    """A rate for people: 0.03% rather than 0.0% for the small ones conversions are."""
+    return f"{rate * 100:.2f}%" if 0 < rate < 0.01 else f"{rate * 100:.1f}%"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from mailer.delivery.runner import Runtime, run_inline
 from mailer.delivery.smtp import SmtpPool, probe
 from mailer.errors import InputError
 from mailer.posts import Post
-from mailer.preview import PREVIEW_SEND_ID
-from mailer.tracking.tokens import Signer
+from mailer.tracking.tokens import PREVIEW_SEND_ID, Signer
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
 EXIT_FAILED_RECIPIENTS = 3

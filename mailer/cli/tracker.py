@@ -55,7 +55,7 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            # X-Forwarded-For is honoured only by create_app(trust_proxy=True), never by uvicorn.
+            # X-Forwarded-For: only with MAILER_TRACKER_TRUST_PROXY, read by the app, not uvicorn.
             proxy_headers=False,
             server_header=False,
             access_log=False,  # one line per pixel would cost more than serving it
@@ -115,6 +115,7 @@ def app_from_settings() -> ASGIApp:
         # A MemoryBuffer lives in this process, so its flusher must too; see serve().
         flush_interval=config.tracker_flush_interval if isinstance(buffer, MemoryBuffer) else None,
         stripe_webhook=functools.partial(_handle_stripe, config, database, signer),
+        trust_proxy=config.tracker_trust_proxy,
     )
 
 

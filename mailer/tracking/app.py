@@ -34,7 +34,7 @@ from mailer import db
 from mailer.db.models import LinkRow
 from mailer.errors import MailerError
 from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher, unsubscribe_by_id
-from mailer.tracking.tokens import Kind, Signer, Token
+from mailer.tracking.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ PAGE_HEADERS = NO_STORE | {
 ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058
 MAX_FORM_BYTES = 8192
 LINK_CACHE_SENDS = 256
-PREVIEW_SEND_ID = 0  # mailer.preview signs sample tokens for send 0: never counted
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

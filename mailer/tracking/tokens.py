@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 MAC_BYTES = 12  # 96 bits, the floor the tracker issue sets
+# Previews and test sends sign their tokens for this send, which never exists: never counted.
+PREVIEW_SEND_ID = 0
 _BLOCK = 64  # SHA-256 block size
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
