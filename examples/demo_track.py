@@ -200,7 +200,6 @@ def main() -> int:
     if env.get("MAILER_BROKER_URL") != "memory://":
         mailer("tracker", "flush", env=env)
     mailer("stats", SLUG, "--html", str(REPORT), env=env)  # prints the table too
-    print(f"report written to {REPORT}")
     return 0
 
 

@@ -243,8 +243,7 @@ def test_send_track_convert_and_count(
     finally:
         os.killpg(tracker.pid, signal.SIGTERM)  # it writes its buffer before it exits
         tracker.wait(timeout=60)
-    # uvicorn re-raises the signal it handled once it has shut down cleanly.
-    assert tracker.returncode in (0, -signal.SIGTERM), (tmp_path / "tracker.log").read_text()
+    assert tracker.returncode == 0, (tmp_path / "tracker.log").read_text()
 
     mailer("tracker", "flush")
     stats = json.loads(mailer("stats", str(send_id), "--json"))

@@ -44,10 +44,9 @@ def serve(
         )
         flusher.start()
     # uvicorn re-raises the SIGTERM it handled once it has stopped; with the default handler
-    # that would kill this process before it stops the flusher. Note it, stop, then re-raise.
-    caught: list[int] = []
+    # that would kill this process before it stops the flusher. This one lets it finish.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, _: caught.append(number))
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(
             f"{__name__}:app_from_settings",
@@ -65,9 +64,6 @@ def serve(
         if flusher is not None:
             stop.set()  # the server stored what its workers queued: write it all
             flusher.join(timeout=60)
-    for number in caught[:1]:
-        signal.signal(number, signal.SIG_DFL)
-        signal.raise_signal(number)
 
 
 def _flush_until_stopped(config: Settings, stop: EventType, parent: int) -> None:
