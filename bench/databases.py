@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL database for a benchmark: created, yielded, always dropped."""
+"""Throwaway databases for a benchmark: PostgreSQL created and dropped, Redis flushed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import redis
 from sqlalchemy import create_engine, make_url, text
 
 # The admin connection only creates and drops the benchmark's own database.
@@ -29,3 +30,15 @@ def postgres_database() -> Iterator[str]:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@contextmanager
+def redis_database(url: str) -> Iterator[str]:
+    """The benchmark's own Redis database (never 0), flushed before and after."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()

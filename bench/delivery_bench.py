@@ -37,11 +37,10 @@ from typing import Any, cast
 
 import aiosmtplib
 import psycopg
-import redis
 from celery import Celery
 from sqlalchemy import Engine, func, select, text
 
-from bench.databases import postgres_database
+from bench.databases import postgres_database, redis_database
 from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
@@ -207,17 +206,6 @@ def baseline_loop(sink: Sink, message: bytes) -> float:
     start = time.perf_counter()
     asyncio.run(run())
     return LOOP_MESSAGES / (time.perf_counter() - start)
-
-
-@contextmanager
-def broker() -> Iterator[None]:
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
-    try:
-        yield
-    finally:
-        client.flushdb()
-        client.close()
 
 
 def load_subscribers(engine: Engine, first: int, count: int) -> None:
@@ -412,7 +400,7 @@ def main() -> list[Row]:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="delivery_bench_")))
         sink = stack.enter_context(smtp_sink(folder))
         url = stack.enter_context(postgres_database())
-        stack.enter_context(broker())
+        stack.enter_context(redis_database(BROKER))
         envs = [mailer_env(url, sink, c, b) for c, b in SENDS]
         settings = load_settings(envs[0], env_file=None)
         post, composition = bench_post(Publication.from_settings(settings))

@@ -25,10 +25,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 from sqlalchemy import func, select, update
 
-from bench.databases import postgres_database
+from bench.databases import postgres_database, redis_database
 from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -174,17 +173,6 @@ def tracker(env: dict[str, str], folder: Path) -> Iterator[tuple[int, subprocess
         stop(process, timeout=60)
 
 
-@contextmanager
-def broker() -> Iterator[None]:
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
-    try:
-        yield
-    finally:
-        client.flushdb()
-        client.close()
-
-
 def pixel_paths(url: str, env: dict[str, str]) -> list[str]:
     """A sent send to ``READERS`` readers; each reader's open-pixel path."""
     settings = load_settings(env, env_file=None)
@@ -235,7 +223,7 @@ def main() -> list[Row]:
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tracker_bench_")))
         url = stack.enter_context(postgres_database())
-        stack.enter_context(broker())
+        stack.enter_context(redis_database(BROKER))
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
             "MAILER_DATABASE_URL": url,

@@ -315,7 +315,8 @@ def status(session: Session, send_id: int) -> SendStatus:
     return found
 
 
-def show(session: Session, send_id: int) -> SendInfo:
+def with_post(session: Session, send_id: int) -> tuple[SendRow, str, str]:
+    """The send, its post's slug and its post's title; ``NotFoundError`` if there is none."""
     row = session.execute(
         select(SendRow, PostRow.slug, PostRow.title)
         .join(PostRow, PostRow.id == SendRow.post_id)
@@ -324,6 +325,11 @@ def show(session: Session, send_id: int) -> SendInfo:
     if row is None:
         raise NotFoundError(f"no send with id {send_id}")
     send, slug, title = row
+    return send, slug, title
+
+
+def show(session: Session, send_id: int) -> SendInfo:
+    send, slug, title = with_post(session, send_id)
     counts = dict.fromkeys(STATES, 0)
     by_variant = {"free": 0, "paid": 0}
     for variant, state, n in session.execute(

@@ -37,6 +37,7 @@ from mailer.db.models import (
     Variant,
 )
 from mailer.errors import NotFoundError
+from mailer.sends import with_post
 
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 TIMELINE_HOURS = 7 * 24  # the chart's span: nearly all opens come in the first days
@@ -162,14 +163,7 @@ def resolve(session: Session, ref: str) -> int:
 
 def send_stats(session: Session, send_id: int) -> SendStats:
     """The numbers of one send, overall (``total``) and per variant."""
-    found = session.execute(
-        select(SendRow, PostRow.slug, PostRow.title)
-        .join(PostRow, PostRow.id == SendRow.post_id)
-        .where(SendRow.id == send_id)
-    ).one_or_none()
-    if found is None:
-        raise NotFoundError(f"no send with id {send_id}")
-    send, slug, title = found
+    send, slug, title = with_post(session, send_id)
     subjects = dict(
         session.execute(
             select(SendVariantRow.variant, SendVariantRow.subject).where(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from mailer import db
@@ -55,3 +57,16 @@ def engine(db_url: str) -> Iterator[Engine]:
     migrated = db.connect(db_url)
     yield migrated
     migrated.dispose()
+
+
+@contextmanager
+def own_redis(url: str) -> Iterator[redis.Redis]:
+    """A suite's own Redis database (never 0: others use it), flushed before and after."""
+    client = redis.Redis.from_url(url)
+    assert client.connection_pool.connection_kwargs.get("db", 0) != 0, url
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()

@@ -27,8 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import redis
 import stripe
+from conftest import own_redis
 from smtp_servers import serve, wait_until
 from sqlalchemy import Engine, update
 
@@ -62,10 +62,8 @@ APPLE_PROXY = "Mozilla/5.0"  # what Apple Mail Privacy Protection's prefetch sen
 
 @pytest.fixture
 def buffer() -> Iterator[str]:
-    client = redis.Redis.from_url(BUFFER)
-    client.flushdb()
-    yield BUFFER
-    client.flushdb()
+    with own_redis(BUFFER):
+        yield BUFFER
 
 
 def _free_port() -> int:

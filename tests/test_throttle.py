@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from conftest import own_redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from smtp_servers import closed_port
@@ -35,11 +36,8 @@ PREFIX = "test:throttle:"
 
 @pytest.fixture
 def clean_redis() -> Iterator[None]:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=DB)
-    client.flushdb()
-    yield
-    client.flushdb()
-    client.close()
+    with own_redis(f"redis://127.0.0.1:6379/{DB}"):
+        yield
 
 
 @pytest.fixture(params=["redis", "local"])

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis
 import uvicorn
+from conftest import own_redis
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
 from starlette.types import ASGIApp
@@ -99,11 +100,8 @@ class World:
 
 @pytest.fixture
 def clean_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with own_redis(REDIS_URL) as client:
+        yield client
 
 
 @pytest.fixture

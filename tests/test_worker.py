@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
-import redis
+from conftest import own_redis
 from smtp_servers import Slow, serve, wait_until
 from sqlalchemy import Engine, select
 
@@ -36,10 +36,8 @@ CONCURRENCY = 2
 
 @pytest.fixture
 def broker() -> Iterator[str]:
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
-    yield BROKER
-    client.flushdb()
+    with own_redis(BROKER):
+        yield BROKER
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -64,9 +62,7 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def test_sigkill_mid_batch_then_restart(
-    engine: Engine, db_url: str, broker: str, tmp_path: Path
-) -> None:
+def add_readers(engine: Engine, count: int) -> None:
     with db.session(engine) as session:
         session.add_all(
             SubscriberRow(
@@ -75,37 +71,50 @@ def test_sigkill_mid_batch_then_restart(
                 domain="example.com",
                 tier="free",
             )
-            for i in range(READERS)
+            for i in range(count)
         )
+
+
+def environment(db_url: str, broker: str, smtp_port: int, **settings: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+        "MAILER_DATABASE_URL": db_url,
+        "MAILER_BROKER_URL": broker,
+        "MAILER_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
+        **settings,
+    }
+
+
+def run_mailer(env: dict[str, str], cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_sigkill_mid_batch_then_restart(
+    engine: Engine, db_url: str, broker: str, tmp_path: Path
+) -> None:
+    add_readers(engine, READERS)
     (tmp_path / "post.md").write_text(POST)
     with serve(Slow(0.03)) as server:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-            "MAILER_DATABASE_URL": db_url,
-            "MAILER_BROKER_URL": broker,
-            "MAILER_SMTP_URL": f"smtp://127.0.0.1:{server.settings().port}",
-            "MAILER_BATCH_SIZE": "40",
-            "MAILER_SMTP_CONCURRENCY": str(CONCURRENCY),
-            "MAILER_BATCH_LEASE": "2s",
-        }
+        env = environment(
+            db_url,
+            broker,
+            server.settings().port,
+            MAILER_BATCH_SIZE="40",
+            MAILER_SMTP_CONCURRENCY=str(CONCURRENCY),
+            MAILER_BATCH_LEASE="2s",
+        )
 
-        def mailer(*args: str) -> str:
-            done = subprocess.run(
-                [str(BIN / "mailer"), *args],
-                env=env,
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, done.stderr
-            return done.stdout
-
-        mailer("posts", "add", "post.md")
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
         log = tmp_path / "worker.log"
         worker = start_worker(env, log)
         try:
-            send_id = int(mailer("send", "killed-mid-batch", "--segment", "all", "--yes"))
+            send_id = int(
+                run_mailer(env, tmp_path, "send", "killed-mid-batch", "--segment", "all", "--yes")
+            )
             wait_until(lambda: len(server.handler.messages) >= 20, timeout=30)
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
@@ -145,27 +154,17 @@ def test_sigkill_mid_batch_then_restart(
 def test_flower_sees_the_batch_tasks(
     engine: Engine, db_url: str, broker: str, tmp_path: Path
 ) -> None:
-    with db.session(engine) as session:
-        session.add_all(
-            SubscriberRow(
-                email=f"f{i}@example.com",
-                email_key=f"f{i}@example.com",
-                domain="example.com",
-                tier="free",
-            )
-            for i in range(6)
-        )
+    add_readers(engine, 6)
     (tmp_path / "post.md").write_text(POST)
     port = _free_port()
     with serve() as server:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-            "MAILER_DATABASE_URL": db_url,
-            "MAILER_BROKER_URL": broker,
-            "MAILER_SMTP_URL": f"smtp://127.0.0.1:{server.settings().port}",
-            "MAILER_BATCH_SIZE": "2",
-            "FLOWER_UNAUTHENTICATED_API": "true",
-        }
+        env = environment(
+            db_url,
+            broker,
+            server.settings().port,
+            MAILER_BATCH_SIZE="2",
+            FLOWER_UNAUTHENTICATED_API="true",
+        )
         flower = subprocess.Popen(
             [
                 str(BIN / "celery"),
@@ -184,19 +183,8 @@ def test_flower_sees_the_batch_tasks(
         try:
             api = f"http://127.0.0.1:{port}/api/tasks"
             wait_until(lambda: _get_json(api) is not None, timeout=30)
-            for args in (
-                ("posts", "add", "post.md"),
-                ("send", "killed-mid-batch", "--segment", "all", "--yes"),
-            ):
-                done = subprocess.run(
-                    [str(BIN / "mailer"), *args],
-                    env=env,
-                    cwd=tmp_path,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                assert done.returncode == 0, done.stderr
+            run_mailer(env, tmp_path, "posts", "add", "post.md")
+            run_mailer(env, tmp_path, "send", "killed-mid-batch", "--segment", "all", "--yes")
 
             def batches_done() -> bool:
                 tasks = _get_json(api) or {}
