@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import Any
 
 import pytest
 from smtp_servers import CloseAfter, DropAfterData, Refuse, Slow, greylist, serve
@@ -29,6 +30,7 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.db.posts_repo import save_post
+from mailer.delivery import batch
 from mailer.delivery.runner import Runtime, run_inline
 from mailer.posts import parse_post_text
 
@@ -293,6 +295,50 @@ def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
         received = by_recipient(server.handler.messages)
     assert received == Counter(list(setup.readers))
     assert setup.info(send_id).status == "done"
+
+
+def test_a_pause_between_claim_and_status_read_strands_nobody(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL reads each statement afresh: a pause can commit after the claim (which saw
+    # "sending") and before the same flush reads the status. SQLite's one writer rules it out.
+    if setup.engine.dialect.name != "postgresql":
+        pytest.skip("needs a database where another connection writes mid-transaction")
+    flush = batch._Ledger.flush
+    paused: list[bool] = []
+
+    def pausing_flush(ledger: batch._Ledger, claims: list[int], *args: Any, **kw: Any) -> Any:
+        scalar = ledger.conn.scalar
+
+        def scalar_after_pause(statement: Any, *a: Any, **k: Any) -> Any:
+            if statement is batch._STATUS and claims and not paused:
+                with db.session(setup.engine) as session:
+                    sends.pause(session, send_id)
+                paused.append(True)
+            return scalar(statement, *a, **k)
+
+        monkeypatch.setattr(ledger.conn, "scalar", scalar_after_pause)
+        try:
+            return flush(ledger, claims, *args, **kw)
+        finally:
+            monkeypatch.setattr(ledger.conn, "scalar", scalar)
+
+    monkeypatch.setattr(batch._Ledger, "flush", pausing_flush)
+    with serve() as server:
+        settings = setup.settings(server.settings().port, MAILER_SMTP_CONCURRENCY="2")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        result = runtime.run_batch(send_id, 0)
+        assert paused and result.stopped == "paused"
+        assert setup.info(send_id).counts["sending"] == 0
+        assert len(server.handler.messages) == result.sent > 0  # the claimed ones went out
+        monkeypatch.setattr(batch._Ledger, "flush", flush)
+        with db.session(setup.engine) as session:
+            sends.start(session, send_id)
+        run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
 
 
 def test_a_pause_mid_batch_strands_nobody(setup: Setup) -> None:

@@ -414,9 +414,11 @@ class _Writer:
                 claimed, self.status = await asyncio.to_thread(
                     self.ledger.flush, [c for c, _ in flushing], results, heartbeat=heartbeat
                 )
-                # A paused or cancelled send claims nothing more; what is in flight finishes.
+                # The claim itself checked that the send was sending: a row it claimed is sent
+                # even if a pause landed a moment later (a row claimed but dropped here would be
+                # stranded in ``sending``). After a pause, the lanes claim nothing more.
                 for row_id, future in flushing:
-                    future.set_result(row_id in claimed and self.status == "sending")
+                    future.set_result(row_id in claimed)
         except BaseException as exc:
             for _, future in flushing + self.claims:
                 if not future.done():
