@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from smtp_servers import CloseAfter, DropAfterData, Refuse, Slow, greylist, serve
+from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greylist, serve
 from sqlalchemy import Engine, select, update
 
 from mailer import db, sends
@@ -109,8 +109,8 @@ def setup(engine: Engine, db_url: str) -> Iterator[Setup]:
     yield Setup(engine, db_url, readers)
 
 
-def by_recipient(messages: list[object]) -> Counter[str]:
-    return Counter(m.rcpt_tos[0] for m in messages)  # type: ignore[attr-defined]
+def by_recipient(messages: list[Message]) -> Counter[str]:
+    return Counter(m.rcpt_tos[0] for m in messages)
 
 
 def parsed(data: bytes) -> EmailMessage:

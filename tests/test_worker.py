@@ -32,6 +32,7 @@ BIN = Path(sys.executable).parent
 POST = "---\ntitle: Killed Mid Batch\n---\n\nHello {{ name }}.\n"
 READERS = 120
 CONCURRENCY = 2
+BATCH_TASK = "mailer.deliver_batch"
 
 
 @pytest.fixture
@@ -187,14 +188,9 @@ def test_flower_sees_the_batch_tasks(
             run_mailer(env, tmp_path, "send", "killed-mid-batch", "--segment", "all", "--yes")
 
             def batches_done() -> bool:
-                tasks = _get_json(api) or {}
-                return (
-                    sum(
-                        t["name"] == "mailer.deliver_batch" and t["state"] == "SUCCESS"
-                        for t in tasks.values()
-                    )
-                    == 3
-                )
+                tasks = (_get_json(api) or {}).values()
+                done = [t for t in tasks if (t["name"], t["state"]) == (BATCH_TASK, "SUCCESS")]
+                return len(done) == 3
 
             # Flower learns of tasks only from their events: this fails if events are off.
             wait_until(batches_done, timeout=30)
