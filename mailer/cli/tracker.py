@@ -19,7 +19,7 @@ from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
 from mailer.tracking.app import create_app
-from mailer.tracking.ingest import Flusher, MemoryBuffer, flush_once, open_buffer
+from mailer.tracking.ingest import Flusher, flush_once, in_memory, open_buffer
 from mailer.tracking.tokens import Signer
 
 app = typer.Typer(name="tracker", help="The tracker: opens, clicks, unsubscribes, webhooks.")
@@ -36,7 +36,7 @@ def serve(
     # With Redis, one process of its own writes the events: in a serving process, the flusher
     # would hold the GIL for milliseconds at a time, and every pixel would wait that long.
     flusher = None
-    if not isinstance(open_buffer(config.broker_url), MemoryBuffer):
+    if not in_memory(config.broker_url):
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
         flusher = context.Process(
@@ -87,10 +87,9 @@ def _flush_until_stopped(config: Settings, stop: EventType, parent: int) -> None
 def flush(as_json: JsonFlag = False) -> None:
     """Write the buffered events to the database now; prints how many were written."""
     config = settings()
-    buffer = open_buffer(config.broker_url)
-    if isinstance(buffer, MemoryBuffer):
+    if in_memory(config.broker_url):
         typer.echo("memory:// keeps events inside each tracker process: nothing here", err=True)
-    written = flush_once(engine(), buffer)
+    written = flush_once(engine(), open_buffer(config.broker_url))
     if as_json:
         print_json({"written": written})
     else:
@@ -102,14 +101,13 @@ def app_from_settings() -> ASGIApp:
     config = load_settings()
     database = db.connect(config.database_url)
     signer = Signer(config.secret_keys)
-    buffer = open_buffer(config.broker_url)
     return create_app(
         engine=database,
         signer=signer,
         site_url=config.site_url,
-        buffer=buffer,
-        # A MemoryBuffer lives in this process, so its flusher must too; see serve().
-        flush_interval=config.tracker_flush_interval if isinstance(buffer, MemoryBuffer) else None,
+        buffer=open_buffer(config.broker_url),
+        # A buffer in memory lives in this process, so its flusher must too; see serve().
+        flush_interval=config.tracker_flush_interval if in_memory(config.broker_url) else None,
         stripe_webhook=functools.partial(_handle_stripe, config, database, signer),
         trust_proxy=config.tracker_trust_proxy,
     )

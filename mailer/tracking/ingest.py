@@ -334,9 +334,14 @@ class MemoryBuffer:
         return None
 
 
+def in_memory(broker_url: str) -> bool:
+    """Whether ``open_buffer`` keeps events in the process (``memory://``: no Redis)."""
+    return broker_url.startswith("memory:")
+
+
 def open_buffer(broker_url: str) -> RedisBuffer | MemoryBuffer:
     """A ``MemoryBuffer`` for ``memory://``, else the Redis stream on the broker."""
-    return MemoryBuffer() if broker_url.startswith("memory:") else RedisBuffer(broker_url)
+    return MemoryBuffer() if in_memory(broker_url) else RedisBuffer(broker_url)
 
 
 def consumer_name() -> str:
