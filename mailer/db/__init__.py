@@ -34,7 +34,17 @@ from mailer.errors import DatabaseError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["check", "connect", "head", "revision", "session", "shown", "upgrade", "utcnow"]
+__all__ = [
+    "check",
+    "connect",
+    "driver_cursor",
+    "head",
+    "revision",
+    "session",
+    "shown",
+    "upgrade",
+    "utcnow",
+]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -51,6 +61,12 @@ def head() -> str:
 def shown(url: str | URL) -> str:
     """The URL as it may appear in messages and logs: password masked."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def driver_cursor(conn: Connection) -> Any:
+    """The driver's own cursor under ``conn`` (psycopg on PostgreSQL), in its transaction:
+    for what SQLAlchemy cannot do as fast, such as COPY or a parameter that is an array."""
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 def connect(url: str) -> Engine:

@@ -136,7 +136,12 @@ class LeaseLost(Exception):
 
 
 # The writer's statements, built once: constructing them per flush cost more CPU than the
-# database work they do.
+# database work they do. ``b_send``, ``b_batch`` and ``b_owner`` name the batch and its lease.
+_LEASE_HELD = (
+    (SendBatchRow.send_id == bindparam("b_send"))
+    & (SendBatchRow.batch_no == bindparam("b_batch"))
+    & (SendBatchRow.lease_owner == bindparam("b_owner"))
+)
 _CLAIM = (
     update(DeliveryRow)
     .where(
@@ -147,26 +152,13 @@ _CLAIM = (
         select(SendRow.id)
         .where(SendRow.id == bindparam("b_send"), SendRow.status == "sending")
         .exists(),
-        select(SendBatchRow.send_id)
-        .where(
-            SendBatchRow.send_id == bindparam("b_send"),
-            SendBatchRow.batch_no == bindparam("b_batch"),
-            SendBatchRow.lease_owner == bindparam("b_owner"),
-        )
-        .exists(),
+        select(SendBatchRow.send_id).where(_LEASE_HELD).exists(),
     )
     .values(state="sending", attempts=DeliveryRow.attempts + 1)
     .returning(DeliveryRow.id)
 )
-_RENEW = (
-    update(SendBatchRow)
-    .where(
-        SendBatchRow.send_id == bindparam("b_send"),
-        SendBatchRow.batch_no == bindparam("b_batch"),
-        SendBatchRow.lease_owner == bindparam("b_owner"),
-    )
-    .values(lease_until=bindparam("b_until"))
-)
+_RENEW = update(SendBatchRow).where(_LEASE_HELD).values(lease_until=bindparam("b_until"))
+_RELEASE = update(SendBatchRow).where(_LEASE_HELD).values(lease_owner=None, lease_until=None)
 _STATUS = select(SendRow.status).where(SendRow.id == bindparam("b_send"))
 _CLAIMED_ROW = (DeliveryRow.id == bindparam("rid")) & (DeliveryRow.state == "sending")
 _UNCLAIMED_ROW = (DeliveryRow.id == bindparam("rid")) & DeliveryRow.state.in_(
@@ -219,6 +211,10 @@ class _Ledger:
     def _batch(self) -> ColumnElement[bool]:
         return (SendBatchRow.send_id == self.send_id) & (SendBatchRow.batch_no == self.batch_no)
 
+    def _lease(self) -> dict[str, object]:
+        """The parameters of the statements about this run's lease (``_LEASE_HELD``)."""
+        return {"b_send": self.send_id, "b_batch": self.batch_no, "b_owner": self.owner}
+
     def _rows(self) -> ColumnElement[bool]:
         return (DeliveryRow.send_id == self.send_id) & (DeliveryRow.batch_no == self.batch_no)
 
@@ -241,11 +237,7 @@ class _Ledger:
 
     def release(self) -> None:
         with self.conn.begin():
-            self.conn.execute(
-                update(SendBatchRow)
-                .where(self._batch(), SendBatchRow.lease_owner == self.owner)
-                .values(lease_owner=None, lease_until=None)
-            )
+            self.conn.execute(_RELEASE, self._lease())
 
     def reconcile_in_flight(self) -> int:
         """Rows left ``sending`` by a dead run: the server may have them, so never resend."""
@@ -316,7 +308,7 @@ class _Ledger:
     ) -> tuple[set[int], SendStatus]:
         """Record results, claim rows and (on heartbeats) renew the lease, in one transaction."""
         now = utcnow()
-        key = {"b_send": self.send_id, "b_batch": self.batch_no, "b_owner": self.owner}
+        key = self._lease()
         with self.conn.begin():
             self._record(results, now)
             claimed: set[int] = set()

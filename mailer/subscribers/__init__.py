@@ -17,6 +17,7 @@ from mailer.subscribers.manage import (
     set_status,
     set_tier,
     unsubscribe,
+    unsubscribe_by_id,
 )
 from mailer.subscribers.model import (
     STATUSES,
@@ -53,4 +54,5 @@ __all__ = [
     "set_status",
     "set_tier",
     "unsubscribe",
+    "unsubscribe_by_id",
 ]

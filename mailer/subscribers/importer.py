@@ -64,6 +64,7 @@ from sqlalchemy.schema import (
     DropTable,
 )
 
+from mailer import db
 from mailer.db.models import (
     Id,
     Json,
@@ -551,7 +552,7 @@ def _bulk_insert(conn: Connection, table: Table, rows: list[tuple[Any, ...]]) ->
         return
     names = [c.name for c in table.columns][: len(rows[0])]
     if conn.dialect.name == "postgresql":
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor = db.driver_cursor(conn)
         with cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)

@@ -129,17 +129,30 @@ def set_tier(
 
 def set_status(session: Session, email: str, status: SubscriberStatus) -> Subscriber:
     """Set a reader's status (unsubscribed, bounced, …); no event when it does not change."""
-    status = parse_status(status)
     row = _row(session, email)
-    if row.status != status:
-        _record(session, row.id, STATUS_CHANGED, row.status, status, utcnow())
-        row.status = status
-        session.flush()
+    _change_status(session, row, parse_status(status))
     return _to_subscriber(session, row)
 
 
 def unsubscribe(session: Session, email: str) -> Subscriber:
     return set_status(session, email, "unsubscribed")
+
+
+def unsubscribe_by_id(session: Session, subscriber_id: int) -> bool:
+    """Unsubscribe a reader named by id (a tracker's token); False if they were erased."""
+    row = session.get(SubscriberRow, subscriber_id)
+    if row is None:
+        return False
+    _change_status(session, row, "unsubscribed")
+    return True
+
+
+def _change_status(session: Session, row: SubscriberRow, status: SubscriberStatus) -> None:
+    """Set ``row``'s status, recording the change; no event when it does not change."""
+    if row.status != status:
+        _record(session, row.id, STATUS_CHANGED, row.status, status, utcnow())
+        row.status = status
+        session.flush()
 
 
 def erase(session: Session, email: str) -> bool:

@@ -33,7 +33,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mailer import db
 from mailer.db.models import LinkRow
 from mailer.errors import MailerError
-from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher, unsubscribe_by_id
+from mailer.subscribers import unsubscribe_by_id
+from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher
 from mailer.tracking.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 
 log = logging.getLogger(__name__)

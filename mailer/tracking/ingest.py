@@ -40,9 +40,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import db
-from mailer.db.models import DeliveryRow, SubscriberRow, TrackingEventRow
+from mailer.db.models import DeliveryRow, TrackingEventRow
 from mailer.errors import DatabaseError, MailerError
-from mailer.subscribers import manage
+from mailer.subscribers import unsubscribe_by_id
 from mailer.tracking.classify import classify
 
 log = logging.getLogger(__name__)
@@ -421,15 +421,6 @@ def flush_once(engine: Engine, buffer: Buffer, *, claim_idle: float = 0.0) -> in
         flusher.buffer.retire(flusher.consumer)
 
 
-def unsubscribe_by_id(session: Session, subscriber_id: int) -> bool:
-    """Unsubscribe a reader (recording the status change); False if they were erased."""
-    key = session.scalar(select(SubscriberRow.email_key).where(SubscriberRow.id == subscriber_id))
-    if key is None:
-        return False
-    manage.unsubscribe(session, key)
-    return True
-
-
 def _write(session: Session, batch: Sequence[Entry]) -> int:
     keyed = [pair for entry in batch for pair in entry.keyed()]
     sent = _sent_at(session, {(e.send_id, e.subscriber_id) for _, e in keyed})
@@ -450,7 +441,7 @@ def _sent_at(
         readers.setdefault(send_id, []).append(subscriber_id)
     found: dict[tuple[int, int], dt.datetime | None] = {}
     if session.get_bind().dialect.name == "postgresql":
-        cursor = _cursor(session)
+        cursor = db.driver_cursor(session.connection())
         for send_id, ids in readers.items():  # an array: one parameter however many readers
             cursor.execute(_SENT_AT, (send_id, ids))
             found.update(((send_id, reader), at) for reader, at in cursor)
@@ -469,11 +460,6 @@ def _sent_at(
 _SENT_AT = (
     "SELECT subscriber_id, sent_at FROM deliveries WHERE send_id = %s AND subscriber_id = ANY(%s)"
 )
-
-
-def _cursor(session: Session) -> Any:
-    """The psycopg cursor under ``session``: PostgreSQL's fast paths take arrays."""
-    return session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 def _row(
@@ -508,7 +494,7 @@ _COLUMNS = (
     "at",
     "ingest_key",
 )
-# One array per column: psycopg sends ten arrays as fast as one row, where an INSERT with
+# One array per column: psycopg sends nine arrays as fast as one row, where an INSERT with
 # thousands of VALUES spent most of a flush being parsed for its placeholders.
 _UNNEST = (
     f"INSERT INTO tracking_events ({', '.join(_COLUMNS)}) "
@@ -521,7 +507,7 @@ _UNNEST = (
 def _insert(session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
     """INSERT ... ON CONFLICT (ingest_key) DO NOTHING; the number of rows inserted."""
     if session.get_bind().dialect.name == "postgresql":
-        cursor = _cursor(session)
+        cursor = db.driver_cursor(session.connection())
         cursor.execute(_UNNEST, [[row[c] for row in rows] for c in _COLUMNS])
         return int(cursor.rowcount)
     # The table, not the ORM entity: a Core executemany, without the ORM's per-row work.
