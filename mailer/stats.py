@@ -206,22 +206,13 @@ def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
 
 def _ledger(send_id: int) -> Any:
     d = DeliveryRow
-    # Delivery writes "<code> <reply>" for a server's answer. A 5xx is a hard bounce unless it
-    # refused our sender (mailer.delivery.smtp), and so is an address no server would take.
-    bounced = and_(
-        d.state == "failed",
-        or_(
-            and_(d.last_reply.like("5%"), not_(d.last_reply.like("5__ sender % refused:%"))),
-            d.last_reply.like("invalid recipient:%"),
-        ),
-    )
     return (
         select(
             d.variant,
             func.count(),
             _count_if(d.state == "sent"),
             _count_if(d.state == "failed"),
-            _count_if(bounced),
+            _count_if(and_(d.state == "failed", d.bounced)),
         )
         .where(d.send_id == send_id)
         .group_by(d.variant)

@@ -214,10 +214,13 @@ def test_a_hard_bounce_fails_one_reader_and_marks_them_bounced(setup: Setup) -> 
             select(SubscriberEventRow).where(SubscriberEventRow.subscriber_id == reader.id)
         ).one()
         assert (event.old, event.new, event.send_id) == ("active", "bounced", send_id)
-        reply = session.scalar(
-            select(DeliveryRow.last_reply).where(DeliveryRow.subscriber_id == reader.id)
-        )
+        reply, bounced = session.execute(
+            select(DeliveryRow.last_reply, DeliveryRow.bounced).where(
+                DeliveryRow.subscriber_id == reader.id
+            )
+        ).one()
     assert reply is not None and reply.startswith("550")
+    assert bounced
 
 
 def test_a_refused_sender_is_not_a_bounce(setup: Setup) -> None:
@@ -228,6 +231,7 @@ def test_a_refused_sender_is_not_a_bounce(setup: Setup) -> None:
     assert setup.info(send_id).counts["failed"] == 7
     with db.session(setup.engine) as session:
         assert set(session.scalars(select(SubscriberRow.status))) == {"active"}
+        assert set(session.scalars(select(DeliveryRow.bounced))) == {False}
 
 
 def test_a_dropped_connection_is_retried(setup: Setup) -> None:

@@ -45,6 +45,7 @@ KEYS = {
     "conversion_rate",
 }
 
+HARD_BOUNCE = "550 5.1.1 No such user"  # delivery marks this one bounced, and no other
 # (variant, state, last reply, events as (kind, classification, minutes after the start))
 READERS: list[tuple[Variant, DeliveryState, str | None, list[tuple[str, str | None, int]]]] = [
     # human open and click, then converted from a trial (a trial reader gets the paid variant)
@@ -60,7 +61,7 @@ READERS: list[tuple[Variant, DeliveryState, str | None, list[tuple[str, str | No
     ("free", "sent", "250 ok", [("open", "machine", 1), ("open", "human", 150)]),  # both
     ("free", "sent", "250 ok", [("click", "machine", 1)]),  # a link scanner: nothing counts
     ("paid", "sent", "250 ok", [("open", "human", 61), ("unsubscribe", None, 62)]),
-    ("free", "failed", "550 5.1.1 No such user", []),
+    ("free", "failed", HARD_BOUNCE, []),
     ("free", "failed", "553 sender news@example.com refused: 5.7.1 Sender rejected", []),
     ("paid", "failed", "gave up after 6 attempts: 421 try later", []),
     ("paid", "queued", None, []),
@@ -107,6 +108,7 @@ def sent(engine: Engine) -> Sent:
                     batch_no=0,
                     state=state,
                     last_reply=reply,
+                    bounced=reply == HARD_BOUNCE,
                 )
             )
             for kind, classification, minutes in events:

@@ -291,6 +291,8 @@ class DeliveryRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     message_id: Mapped[str | None] = mapped_column(Text)
     last_reply: Mapped[str | None] = mapped_column(Text)  # the SMTP server's last answer
+    # Failed because of the address or the message (a 5xx to RCPT or DATA), not of our sender.
+    bounced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
     sent_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())  # when the server said 250
     updated_at: Mapped[dt.datetime] = _updated()

@@ -183,7 +183,12 @@ _RECORD: dict[ResultKind, Update] = {
     ),
     "failed": update(DeliveryRow)
     .where(_CLAIMED_ROW)
-    .values(state="failed", last_reply=bindparam("reply"), message_id=bindparam("mid")),
+    .values(
+        state="failed",
+        last_reply=bindparam("reply"),
+        message_id=bindparam("mid"),
+        bounced=bindparam("bounce"),
+    ),
     "skipped": update(DeliveryRow)
     .where(_UNCLAIMED_ROW)
     .values(state="skipped", last_reply=bindparam("reply")),
@@ -336,6 +341,7 @@ class _Ledger:
                         "reply": r.reply,
                         "mid": r.message_id,
                         "next_at": r.next_attempt_at,
+                        "bounce": r.bounce,
                         "now": now,
                     }
                     for r in group
