@@ -192,7 +192,7 @@ class _Writer:
                 self.claims = []
                 return
             self.status = flushed.send_status
-            self.lease_held = flushed.lease_held
+            self.lease_held = self.lease_held and flushed.lease_held  # lost for good
             # The claim itself checked that the send was sending: a row it claimed is sent
             # even if a pause landed a moment later (a row claimed but dropped here would be
             # stranded in ``sending``). After a pause, the lanes claim nothing more.
