@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import email
 import email.policy
 import threading
@@ -28,6 +29,8 @@ from mailer.config import Settings, load_settings
 from mailer.db.models import (
     DeliveryRow,
     SendBatchRow,
+    SendRow,
+    SendVariantRow,
     SubscriberEventRow,
     SubscriberRow,
     utcnow,
@@ -599,3 +602,25 @@ def test_postgresql_connections_killed_mid_batch_lose_nothing(setup: Setup) -> N
     assert received == Counter(list(setup.readers))
     info = setup.info(send_id)
     assert info.counts["sent"] == len(setup.readers) and info.status == "done"
+
+
+def test_a_batch_that_keeps_failing_fails_its_send_at_the_maximum_age(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port, MAILER_RETRY_MAX_AGE="1h")
+        send_id = setup.create_send(settings)
+        with db.session(setup.engine) as session:  # a template nothing can personalise
+            session.execute(update(SendVariantRow).values(template=b"garbage"))
+        runtime = Runtime(settings, engine=setup.engine)
+        early = runtime.run_batch(send_id, 0)
+        assert early.outcome == "interrupted" and "Message-ID" in (early.error or "")
+        assert setup.info(send_id).status == "sending"
+        assert states(setup, send_id) == {"queued": len(setup.readers)}
+        with db.session(setup.engine) as session:
+            session.execute(update(SendRow).values(started_at=utcnow() - dt.timedelta(hours=2)))
+        late = runtime.run_batch(send_id, 0)
+        runtime.close()
+        assert server.handler.messages == []
+    assert (late.outcome, late.send_status) == ("stopped", "failed") and next_run(late) is None
+    info = setup.info(send_id)
+    assert info.status == "failed" and "Message-ID" in (info.error or "")
+    assert states(setup, send_id) == {"queued": len(setup.readers)}  # `resume` carries on
