@@ -54,6 +54,7 @@ class Settings:
     retry_backoff: float  # seconds before the first retry; doubles with each attempt
     batch_size: int
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
+    schedule_grace: float  # seconds late a scheduled send may still start; later it is missed
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
     attribution_days: int
     tracker_flush_interval: float  # seconds between writes of buffered tracking events
@@ -352,6 +353,13 @@ FIELDS: tuple[Field, ...] = (
         _duration,
         "60s",
         "How long a batch stays with a worker that stopped answering before another takes it",
+    ),
+    Field(
+        "MAILER_SCHEDULE_GRACE",
+        "schedule_grace",
+        _duration,
+        "1h",
+        "A scheduled send found later than this after its time is marked missed, not started",
     ),
     Field(
         "MAILER_STRIPE_WEBHOOK_SECRET",

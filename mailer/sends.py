@@ -9,6 +9,7 @@ row, so two commands racing cannot, say, resume a cancelled send.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
@@ -42,7 +43,10 @@ from mailer.db.models import (
 from mailer.delivery.ledger import MOVES, moved
 from mailer.errors import InputError, NotFoundError
 
+log = logging.getLogger(__name__)
+
 STATES: tuple[DeliveryState, ...] = get_args(DeliveryState)
+LATE_AFTER = dt.timedelta(minutes=1)  # a send started later than this after its time is logged
 UNFINISHED: tuple[DeliveryState, ...] = ("queued", "sending", "deferred")
 
 
@@ -280,58 +284,92 @@ def unfinished_batches(session: Session, send_id: int) -> list[int]:
     )
 
 
-def start_due(session: Session, *, missed_after: dt.timedelta) -> dict[int, list[int]]:
+def start_due(session: Session, *, grace: dt.timedelta) -> dict[int, list[int]]:
     """Start scheduled sends whose time has come: {send: batches to enqueue}.
 
-    One found more than ``missed_after`` late (no scheduler was running) becomes ``missed``
-    instead: a post mailed hours after its moment may do more harm than good.
+    One found more than ``grace`` late (no scheduler was running) becomes ``missed`` instead:
+    a post mailed hours after its moment may do more harm than good. Each change is a
+    compare-and-set, so a second scheduler finds the send taken and leaves it.
     """
     now = utcnow()
     started: dict[int, list[int]] = {}
     due = session.execute(
-        select(SendRow.id, SendRow.scheduled_at).where(
-            SendRow.status == "scheduled", SendRow.scheduled_at <= now
-        )
+        select(SendRow.id, PostRow.slug, SendRow.scheduled_at)
+        .join(PostRow, PostRow.id == SendRow.post_id)
+        .where(SendRow.status == "scheduled", SendRow.scheduled_at <= now)
+        .order_by(SendRow.scheduled_at)
     ).all()
-    for send_id, at in due:
-        if at is not None and now - at > missed_after:
-            _set_status(
-                session,
-                send_id,
-                "scheduled",
-                "missed",
-                finished_at=now,
-                error=f"scheduled for {at.isoformat()}; no scheduler started it in time",
-            )
+    for send_id, slug, at in due:
+        assert at is not None  # selected by scheduled_at <= now
+        late = now - at
+        if late > grace:
+            error = f"scheduled for {at.isoformat()}; no scheduler started it in time"
+            if _try_status(session, send_id, "scheduled", "missed", finished_at=now, error=error):
+                log.warning(
+                    "send %s (%s) missed: found %s late, past MAILER_SCHEDULE_GRACE (%s); "
+                    "`mailer sends start %s` sends it now",
+                    send_id,
+                    slug,
+                    _span(late),
+                    _span(grace),
+                    send_id,
+                )
+            continue
+        if not _try_status(session, send_id, "scheduled", "sending", started_at=now):
+            log.info("send %s (%s) was started by another scheduler", send_id, slug)
+            continue
+        if late > LATE_AFTER:
+            log.warning("send %s (%s) started %s late", send_id, slug, _span(late))
         else:
-            started[send_id] = start(session, send_id)
+            log.info("send %s (%s) started", send_id, slug)
+        started[send_id] = unfinished_batches(session, send_id)
     return started
 
 
-def stalled_batches(session: Session, *, unleased: bool = False) -> list[tuple[int, int]]:
-    """(send, batch) pairs of sending sends with readers left and no live run: a lease that
-    expired unreleased (its worker died), and with ``unleased`` also batches nobody holds
-    (after the broker lost its queued tasks, nothing else would run them)."""
-    unfinished = (
-        select(DeliveryRow.id)
-        .where(
-            DeliveryRow.send_id == SendBatchRow.send_id,
-            DeliveryRow.batch_no == SendBatchRow.batch_no,
-            DeliveryRow.state.in_(UNFINISHED),
+def _span(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def stalled_batches(session: Session, *, orphans: bool = False) -> list[tuple[int, int]]:
+    """(send, batch) pairs of sending sends that no live run holds and nothing else would run.
+
+    Always: a lease that expired unreleased, with readers left (its worker died). With
+    ``orphans`` (the caller knows that no task exists anywhere), also every batch nobody holds
+    with readers due now: its task was lost with the broker's data, or never published.
+    """
+    now = utcnow()
+
+    def rows_where(*condition: ColumnElement[bool]) -> ColumnElement[bool]:
+        return (
+            select(DeliveryRow.id)
+            .where(
+                DeliveryRow.send_id == SendBatchRow.send_id,
+                DeliveryRow.batch_no == SendBatchRow.batch_no,
+                *condition,
+            )
+            .exists()
         )
-        .exists()
+
+    stalled = (SendBatchRow.lease_until < now) & rows_where(DeliveryRow.state.in_(UNFINISHED))
+    orphaned = (
+        SendBatchRow.lease_owner.is_(None)
+        & rows_where(
+            (DeliveryRow.state == "queued")
+            | ((DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= now))
+        )
+        if orphans
+        else false()
     )
     return [
         (send_id, batch_no)
         for send_id, batch_no in session.execute(
             select(SendBatchRow.send_id, SendBatchRow.batch_no)
             .join(SendRow, SendRow.id == SendBatchRow.send_id)
-            .where(
-                SendRow.status == "sending",
-                (SendBatchRow.lease_until < utcnow())
-                | (SendBatchRow.lease_owner.is_(None) if unleased else false()),
-                unfinished,
-            )
+            .where(SendRow.status == "sending", stalled | orphaned)
+            .order_by(SendBatchRow.send_id, SendBatchRow.batch_no)
         )
     ]
 
@@ -402,15 +440,20 @@ def _transition(
 def _set_status(
     session: Session, send_id: int, old: SendStatus, new: SendStatus, **values: object
 ) -> None:
-    changed = _rowcount(
-        session.execute(
-            update(SendRow)
-            .where(SendRow.id == send_id, SendRow.status == old)
-            .values(**{"status": new, "error": None, **values})
-        )
-    )
-    if changed != 1:
+    if not _try_status(session, send_id, old, new, **values):
         raise InputError(f"send {send_id} changed while we looked; try again")
+
+
+def _try_status(
+    session: Session, send_id: int, old: SendStatus, new: SendStatus, **values: object
+) -> bool:
+    """Move the send from ``old`` to ``new`` (compare-and-set); False if it was not ``old``."""
+    changed = session.execute(
+        update(SendRow)
+        .where(SendRow.id == send_id, SendRow.status == old)
+        .values(**{"status": new, "error": None, **values})
+    )
+    return _rowcount(changed) == 1
 
 
 def _rowcount(result: object) -> int:

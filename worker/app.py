@@ -5,7 +5,10 @@ Start a worker with ``celery -A worker.app worker -E``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import beat_init
 
 from mailer.config import load_settings
 
@@ -39,9 +42,13 @@ app.conf.update(
         "interval_step": 0.5,
         "interval_max": 2.0,
     },
-    # Every worker runs the reconciler itself (worker.tasks.Reconciler); beat only starts
-    # scheduled sends.
-    beat_schedule={
-        "start-scheduled-sends": {"task": "mailer.start_scheduled", "schedule": 15.0},
-    },
+    # Every worker runs the reconciler itself (worker.tasks.Reconciler); beat runs the clock
+    # that starts scheduled sends in its own process (worker.clock), so it has no schedule.
 )
+
+
+@beat_init.connect  # type: ignore[untyped-decorator]
+def _start_clock(**_: Any) -> None:
+    from worker import clock  # it imports the tasks, which import this module
+
+    clock.start()

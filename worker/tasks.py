@@ -9,12 +9,10 @@ a worker that is shutting down is enqueued again as new work.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from multiprocessing.sharedctypes import RawValue
 from typing import Any, ClassVar
 
-import redis
 from celery import Task, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
@@ -26,11 +24,7 @@ from worker.app import app
 
 log = logging.getLogger(__name__)
 
-MISSED_AFTER = dt.timedelta(hours=1)
 RECONCILE_EVERY_S = 30.0
-# A key the reconciler keeps in the broker's Redis: gone means Redis lost its data (restarted
-# without persistence, or flushed), and with it every queued batch task.
-BROKER_MARKER = "mailer:broker-marker"
 
 # Made at import, in the worker's main process, so the pool processes forked from it share it:
 # the main process sets it when a warm shutdown begins, and running batches hand over.
@@ -94,45 +88,40 @@ def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
     }
 
 
-@app.task(name="mailer.reconcile")  # type: ignore[untyped-decorator]
+# Acknowledged on receipt, so that its own message is not among the broker's unacknowledged.
+@app.task(name="mailer.reconcile", acks_late=False)  # type: ignore[untyped-decorator]
 def reconcile() -> int:
     """Enqueue the batches that nothing would run otherwise.
 
     Those whose worker died holding them (their lease expired unreleased): their own task
-    message may wait out the broker's visibility timeout (hours) before it comes back. And,
-    after the broker lost its data, every batch with readers left that no run holds.
+    message may wait out the broker's visibility timeout (hours) before it comes back. And, when
+    the broker holds no task at all, every batch with readers due that no run holds: its task was
+    lost (Redis restarted without persistence) or never published (the broker was away).
     Every worker asks for this a lease after it starts, then every half minute.
     """
-    lost = _broker_lost_its_tasks()
+    orphans = _broker_holds_no_task()
     with db.session(runtime().engine) as session:
-        stalled = sends.stalled_batches(session, unleased=lost)
-    if lost and stalled:
-        log.warning("the broker lost its queued tasks: enqueuing %d batches again", len(stalled))
+        stalled = sends.stalled_batches(session, orphans=orphans)
+    if stalled:
+        log.warning("reconciler: enqueuing %d batches that nothing would run", len(stalled))
     for send_id, batch_no in stalled:
         deliver_batch.delay(send_id, batch_no)
     return len(stalled)
 
 
-def _broker_lost_its_tasks() -> bool:
-    """True (once) when the marker key was missing from the broker's Redis."""
-    url = str(app.conf.broker_url)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return False
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        return bool(client.set(BROKER_MARKER, "1", nx=True))
-    finally:
-        client.close()
+def _broker_holds_no_task() -> bool:
+    """True when the broker's Redis holds no task, queued or delivered and unacknowledged.
 
-
-@app.task(name="mailer.start_scheduled")  # type: ignore[untyped-decorator]
-def start_scheduled() -> int:
-    """Beat's clock: start the scheduled sends that are due."""
-    with db.session(runtime().engine) as session:
-        started = sends.start_due(session, missed_after=MISSED_AFTER)
-    for send_id, batches in started.items():
-        enqueue(send_id, batches)
-    return len(started)
+    Then no batch task exists anywhere (a running one is unacknowledged until it ends), so a
+    batch with readers due and no lease is orphaned. Only the Redis transport is looked into.
+    """
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        client = getattr(channel, "client", None)
+        if client is None or not hasattr(channel, "unacked_key"):
+            return False
+        queued = client.llen(app.conf.task_default_queue)
+        return bool(queued == 0 and client.hlen(channel.unacked_key) == 0)
 
 
 def enqueue(send_id: int, batches: list[int]) -> None:
