@@ -234,11 +234,8 @@ def retry_unknown(session: Session, send_id: int) -> tuple[int, list[int]]:
 
 def fail(session: Session, send_id: int, error: str) -> None:
     """A configuration problem stops the send; fix it and ``resume``."""
-    session.execute(
-        update(SendRow)
-        .where(SendRow.id == send_id, SendRow.status == "sending")
-        .values(status="failed", error=error)
-    )
+    if _try_status(session, send_id, "sending", "failed", error=error):
+        log.warning("%s failed: %s", _named(session, send_id), error)
 
 
 def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: str) -> bool:
@@ -248,12 +245,16 @@ def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: st
     retried until then, and afterwards the send says why it stopped.
     """
     cutoff = utcnow() - dt.timedelta(seconds=max_age)
+    error = f"delivery kept failing for {max_age:g}s: {error}"
     failed = session.execute(
         update(SendRow)
         .where(SendRow.id == send_id, SendRow.status == "sending", SendRow.started_at < cutoff)
-        .values(status="failed", error=f"delivery kept failing for {max_age:g}s: {error}")
+        .values(status="failed", error=error)
     )
-    return _rowcount(failed) == 1
+    if _rowcount(failed) != 1:
+        return False
+    log.warning("%s failed: %s", _named(session, send_id), error)
+    return True
 
 
 def finish_if_done(session: Session, send_id: int) -> bool:
@@ -265,12 +266,21 @@ def finish_if_done(session: Session, send_id: int) -> bool:
     )
     if pending is not None:
         return False
-    session.execute(
-        update(SendRow)
-        .where(SendRow.id == send_id, SendRow.status == "sending")
-        .values(status="done", finished_at=utcnow())
-    )
+    if _try_status(session, send_id, "sending", "done", finished_at=utcnow()):
+        counts = show(session, send_id).counts
+        shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+        log.info("%s done: %s", _named(session, send_id), shown)
     return True
+
+
+def _named(session: Session, send_id: int) -> str:
+    """How logs name a send: its id and its post's slug."""
+    slug = session.scalar(
+        select(PostRow.slug)
+        .join(SendRow, SendRow.post_id == PostRow.id)
+        .where(SendRow.id == send_id)
+    )
+    return f"send {send_id} ({slug})"
 
 
 def unfinished_batches(session: Session, send_id: int) -> list[int]:
@@ -306,13 +316,11 @@ def start_due(session: Session, *, grace: dt.timedelta) -> dict[int, list[int]]:
             error = f"scheduled for {at.isoformat()}; no scheduler started it in time"
             if _try_status(session, send_id, "scheduled", "missed", finished_at=now, error=error):
                 log.warning(
-                    "send %s (%s) missed: found %s late, past MAILER_SCHEDULE_GRACE (%s); "
-                    "`mailer sends start %s` sends it now",
+                    "send %s (%s) missed: found %s late, past MAILER_SCHEDULE_GRACE (%s)",
                     send_id,
                     slug,
                     _span(late),
                     _span(grace),
-                    send_id,
                 )
             continue
         if not _try_status(session, send_id, "scheduled", "sending", started_at=now):
