@@ -43,7 +43,10 @@ demo: venv
 	$(BIN)/python examples/demo_send.py
 	$(BIN)/python examples/demo_track.py
 
-test: venv lint
+# Debian's docker-compose checks docker-compose.yml in the tests.
+TEST_TOOLS := /usr/bin/docker-compose
+
+test: venv lint $(TEST_TOOLS)
 	$(BIN)/pytest
 
 lint: venv
@@ -57,9 +60,14 @@ BENCH_TOOLS := /usr/sbin/smtp-sink /usr/bin/wrk /usr/sbin/nginx
 bench: venv $(BENCH_TOOLS)
 	$(BIN)/python -m bench.run
 
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	apt-get install -y -qq --no-install-recommends
+
 $(BENCH_TOOLS):
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix wrk nginx-light
+	$(APT_INSTALL) postfix wrk nginx-light
+
+$(TEST_TOOLS):
+	$(APT_INSTALL) docker-compose
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var

@@ -9,14 +9,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 from markupsafe import Markup, escape
 
+from mailer.paths import TEMPLATES
 from mailer.stats import Counts, Hour, SendStats, percent
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATES),
     autoescape=True,

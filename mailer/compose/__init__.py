@@ -14,7 +14,6 @@ import re
 import secrets
 from dataclasses import dataclass
 from email.utils import parseaddr
-from pathlib import Path
 from typing import Literal
 
 import jinja2
@@ -24,12 +23,12 @@ from premailer import Premailer
 
 from mailer.compose import markdown, mime
 from mailer.config import Settings
+from mailer.paths import TEMPLATES
 from mailer.posts import Post, slugify
 
 Variant = Literal["free", "paid"]
 VARIANTS: tuple[Variant, ...] = ("free", "paid")
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 GMAIL_CLIP_BYTES = 102 * 1024
 _PREHEADER_CHARS = 140
 _MERGE_TAG = re.compile(r"\{\{\s*(name|email)\s*\}\}")
