@@ -68,13 +68,14 @@ def ping() -> str:
     return "pong"
 
 
-@app.task(name="mailer.deliver_batch", bind=True)  # type: ignore[untyped-decorator]
+# Retried without limit: give_up_if_too_old ends the retries at MAILER_RETRY_MAX_AGE.
+@app.task(name="mailer.deliver_batch", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
     """Deliver one batch; run it again when ``next_run`` says."""
     result = runtime().run_batch(send_id, batch_no)
     again = next_run(result, interruptions=self.request.retries)
     if result.outcome == "interrupted":
-        raise self.retry(countdown=again, max_retries=None)
+        raise self.retry(countdown=again)
     if again is not None:
         # A new message, not self.retry(): this run succeeded; the next one is new work.
         self.apply_async((send_id, batch_no), countdown=again)
