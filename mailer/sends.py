@@ -12,7 +12,17 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
-from sqlalchemy import ColumnElement, CursorResult, case, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    case,
+    false,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from mailer import segments
@@ -29,6 +39,7 @@ from mailer.db.models import (
     SubscriberRow,
     utcnow,
 )
+from mailer.delivery.ledger import MOVES, moved
 from mailer.errors import InputError, NotFoundError
 
 STATES: tuple[DeliveryState, ...] = get_args(DeliveryState)
@@ -191,8 +202,8 @@ def cancel(session: Session, send_id: int) -> None:
     _transition(session, send_id, ("scheduled", "sending", "paused", "failed"), "cancelled")
     session.execute(
         update(DeliveryRow)
-        .where(DeliveryRow.send_id == send_id, DeliveryRow.state.in_(("queued", "deferred")))
-        .values(state="skipped", last_reply="send cancelled")
+        .where(DeliveryRow.send_id == send_id, moved("cancelled"))
+        .values(state=MOVES["cancelled"].target, last_reply="send cancelled")
     )
     session.execute(update(SendRow).where(SendRow.id == send_id).values(finished_at=utcnow()))
 
@@ -208,8 +219,8 @@ def retry_unknown(session: Session, send_id: int) -> tuple[int, list[int]]:
     count = _rowcount(
         session.execute(
             update(DeliveryRow)
-            .where(DeliveryRow.send_id == send_id, DeliveryRow.state == "unknown")
-            .values(state="queued", last_reply="queued again by retry-unknown")
+            .where(DeliveryRow.send_id == send_id, moved("retried"))
+            .values(state=MOVES["retried"].target, last_reply="queued again by retry-unknown")
         )
     )
     if count and info.status in ("done", "paused", "failed"):
@@ -224,6 +235,21 @@ def fail(session: Session, send_id: int, error: str) -> None:
         .where(SendRow.id == send_id, SendRow.status == "sending")
         .values(status="failed", error=error)
     )
+
+
+def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: str) -> bool:
+    """Fail a sending send started more than ``max_age`` seconds ago; True if it failed now.
+
+    For a batch that keeps being interrupted (the SMTP server or the database stays away):
+    retried until then, and afterwards the send says why it stopped.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=max_age)
+    failed = session.execute(
+        update(SendRow)
+        .where(SendRow.id == send_id, SendRow.status == "sending", SendRow.started_at < cutoff)
+        .values(status="failed", error=f"delivery kept failing for {max_age:g}s: {error}")
+    )
+    return _rowcount(failed) == 1
 
 
 def finish_if_done(session: Session, send_id: int) -> bool:
@@ -282,8 +308,10 @@ def start_due(session: Session, *, missed_after: dt.timedelta) -> dict[int, list
     return started
 
 
-def stalled_batches(session: Session) -> list[tuple[int, int]]:
-    """(send, batch) pairs whose worker died holding them: a lease that expired unreleased."""
+def stalled_batches(session: Session, *, unleased: bool = False) -> list[tuple[int, int]]:
+    """(send, batch) pairs of sending sends with readers left and no live run: a lease that
+    expired unreleased (its worker died), and with ``unleased`` also batches nobody holds
+    (after the broker lost its queued tasks, nothing else would run them)."""
     unfinished = (
         select(DeliveryRow.id)
         .where(
@@ -300,8 +328,8 @@ def stalled_batches(session: Session) -> list[tuple[int, int]]:
             .join(SendRow, SendRow.id == SendBatchRow.send_id)
             .where(
                 SendRow.status == "sending",
-                SendBatchRow.lease_owner.is_not(None),
-                SendBatchRow.lease_until < utcnow(),
+                (SendBatchRow.lease_until < utcnow())
+                | (SendBatchRow.lease_owner.is_(None) if unleased else false()),
                 unfinished,
             )
         )

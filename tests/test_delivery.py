@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greylist, serve
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, event, select, update
 
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -30,7 +30,6 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.db.posts_repo import save_post
-from mailer.delivery import batch
 from mailer.delivery.runner import Runtime, run_inline
 from mailer.posts import parse_post_text
 
@@ -290,7 +289,7 @@ def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
         with db.session(setup.engine) as session:
             sends.pause(session, send_id)
         stopped = runtime.run_batch(send_id, 1)
-        assert stopped.stopped == "paused" and stopped.sent == 0
+        assert (stopped.outcome, stopped.send_status, stopped.sent) == ("stopped", "paused", 0)
         assert setup.info(send_id).counts["queued"] == len(setup.readers) - 7
         with db.session(setup.engine) as session:
             sends.start(session, send_id)
@@ -301,42 +300,34 @@ def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
     assert setup.info(send_id).status == "done"
 
 
-def test_a_pause_between_claim_and_status_read_strands_nobody(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_pause_between_claim_and_status_read_strands_nobody(setup: Setup) -> None:
     # PostgreSQL reads each statement afresh: a pause can commit after the claim (which saw
     # "sending") and before the same flush reads the status. SQLite's one writer rules it out.
     if setup.engine.dialect.name != "postgresql":
         pytest.skip("needs a database where another connection writes mid-transaction")
-    flush = batch._Ledger.flush
     paused: list[bool] = []
+    claimed: list[bool] = []
 
-    def pausing_flush(ledger: batch._Ledger, claims: list[int], *args: Any, **kw: Any) -> Any:
-        scalar = ledger.conn.scalar
+    def pause_before_status_read(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE deliveries") and "RETURNING" in statement:  # a claim
+            claimed.append(True)
+        elif statement.startswith("SELECT sends.status") and claimed and not paused:
+            paused.append(True)
+            with db.session(setup.engine) as session:
+                sends.pause(session, send_id)
 
-        def scalar_after_pause(statement: Any, *a: Any, **k: Any) -> Any:
-            if statement is batch._STATUS and claims and not paused:
-                with db.session(setup.engine) as session:
-                    sends.pause(session, send_id)
-                paused.append(True)
-            return scalar(statement, *a, **k)
-
-        monkeypatch.setattr(ledger.conn, "scalar", scalar_after_pause)
-        try:
-            return flush(ledger, claims, *args, **kw)
-        finally:
-            monkeypatch.setattr(ledger.conn, "scalar", scalar)
-
-    monkeypatch.setattr(batch._Ledger, "flush", pausing_flush)
     with serve() as server:
         settings = setup.settings(server.settings().port, MAILER_SMTP_CONCURRENCY="2")
         send_id = setup.create_send(settings)
         runtime = Runtime(settings, engine=setup.engine)
-        result = runtime.run_batch(send_id, 0)
-        assert paused and result.stopped == "paused"
+        event.listen(setup.engine, "before_cursor_execute", pause_before_status_read)
+        try:
+            result = runtime.run_batch(send_id, 0)
+        finally:
+            event.remove(setup.engine, "before_cursor_execute", pause_before_status_read)
+        assert paused and (result.outcome, result.send_status) == ("stopped", "paused")
         assert setup.info(send_id).counts["sending"] == 0
         assert len(server.handler.messages) == result.sent > 0  # the claimed ones went out
-        monkeypatch.setattr(batch._Ledger, "flush", flush)
         with db.session(setup.engine) as session:
             sends.start(session, send_id)
         run_inline(runtime, send_id)
@@ -414,7 +405,8 @@ def test_a_live_lease_makes_a_second_run_wait(setup: Setup) -> None:
         runtime = Runtime(settings, engine=setup.engine)
         result = runtime.run_batch(send_id, 0)
         runtime.close()
-    assert result.held_for is not None and result.held_for > 0 and result.sent == 0
+    assert result.outcome == "held" and result.due_in is not None and result.due_in > 0
+    assert result.sent == 0
 
 
 def test_cancel_skips_the_rest(setup: Setup) -> None:

@@ -207,13 +207,14 @@ def test_the_data_timeout_not_the_command_timeout_bounds_the_final_reply() -> No
 def test_a_server_that_never_greets_times_out_and_defers() -> None:
     with black_hole() as port:
         [outcome] = send_each(SmtpSettings("127.0.0.1", port), ["a@x.org"], connect_timeout=0.2)
-    assert outcome == Outcome("deferred", None, f"connect to 127.0.0.1:{port} timed out after 0.2s")
+    reply = f"connect to 127.0.0.1:{port} timed out after 0.2s"
+    assert outcome == Outcome("deferred", None, reply, unreachable=True)
 
 
 def test_a_refused_connection_defers() -> None:
     port = closed_port()
     [outcome] = send_each(SmtpSettings("127.0.0.1", port), ["a@example.org"])
-    assert (outcome.state, outcome.code) == ("deferred", None)
+    assert (outcome.state, outcome.code, outcome.unreachable) == ("deferred", None, True)
     assert outcome.reply.startswith(f"connect to 127.0.0.1:{port} failed:")
     assert len(outcome.reply) <= MAX_REPLY and "\n" not in outcome.reply
 

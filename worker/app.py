@@ -31,8 +31,17 @@ app.conf.update(
     # Redis redelivers an unacknowledged task after this long; it must exceed the longest
     # batch, or a batch still running would be handed to a second worker.
     broker_transport_options={"visibility_timeout": BATCH_TIMEOUT_S},
+    # A batch that runs again is published from inside a task: ride out a broker restart
+    # (about a minute) rather than lose the batch's next run.
+    task_publish_retry_policy={
+        "max_retries": 40,
+        "interval_start": 0.5,
+        "interval_step": 0.5,
+        "interval_max": 2.0,
+    },
+    # Every worker runs the reconciler itself (worker.tasks.Reconciler); beat only starts
+    # scheduled sends.
     beat_schedule={
-        "reconcile": {"task": "mailer.reconcile", "schedule": 30.0},
         "start-scheduled-sends": {"task": "mailer.start_scheduled", "schedule": 15.0},
     },
 )

@@ -2,14 +2,22 @@
 
 How exactly-once holds:
 
-- A batch is leased to one run at a time (``send_batches``), renewed while it works. A second
-  copy of the task (redelivered, or enqueued again by resume or the reconciler) finds the lease
-  held and is told to come back when it expires.
+- A batch is leased to one run at a time, renewed while it works. A second copy of the task
+  (redelivered, or enqueued again by resume or the reconciler) finds the lease held and is told
+  when to come back.
 - A reader's row goes ``queued → sending`` by compare-and-set, committed *before* the message
-  is handed to SMTP, and ``sending → sent | deferred | failed`` after the server answered.
-- A run that takes a lease and finds rows still ``sending`` knows their worker died with the
+  is handed to SMTP, and ``sending → sent | deferred | failed`` after the server answered (the
+  state machine is ``ledger.MOVES``).
+- A run that takes a lease and finds rows still ``sending`` knows their run died with the
   message in flight: the server may or may not have it, so they become ``unknown`` and are not
   resent unless the author says so (``mailer sends retry-unknown``).
+
+How a batch ends, whatever fails: the lanes (one per SMTP connection) and the ledger writer run
+in one task group. A lane that meets an error sets the run's fault and returns; every lane checks
+it before claiming, so the others stop claiming, finish the message they hold and record it; then
+the writer commits what is left and the group ends. No task outlives ``deliver_batch``. A row
+claimed but never handed to the server goes back to ``queued``. The run reports how it ended
+(``BatchResult.outcome``) and never raises for a fault: the caller decides when it runs again.
 
 Claims and results go through one writer that commits them in groups (group commit), in a
 thread, while the connections keep sending: the ledger costs a few commits per batch rather
@@ -21,46 +29,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import secrets
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    Update,
-    bindparam,
-    func,
-    insert,
-    select,
-    update,
-)
-
 from mailer.config import Settings
-from mailer.db.models import (
-    DeliveryRow,
-    SendBatchRow,
-    SendRow,
-    SendStatus,
-    SendVariantRow,
-    SubscriberEventRow,
-    SubscriberRow,
-    Variant,
-    utcnow,
+from mailer.db.models import SendStatus, Variant, utcnow
+from mailer.delivery.ledger import (
+    Candidate,
+    Flushed,
+    Lease,
+    Move,
+    Record,
+    StoredTemplate,
 )
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.smtp import Outcome
 from mailer.delivery.throttle import Throttle
-from mailer.errors import PermanentDeliveryError
+from mailer.errors import MailerError, PermanentDeliveryError
 from mailer.tracking.tokens import Signer
 
+log = logging.getLogger(__name__)
+
 MAX_BACKOFF_S = 3600.0
+LEDGER_PATIENCE_S = 60.0  # how long a run waits for the database to record what it sent
 
 
 class Sender(Protocol):
-    async def send(self, envelope_from: str, recipient: str, message: bytes) -> Outcome: ...
+    async def send(self, envelope_from: str, recipient: str, message: bytes) -> Outcome:
+        """Raise only before anything was handed to the server (``PermanentDeliveryError`` for a
+        configuration problem); everything that happens at the server is an ``Outcome``."""
+
+
+class Ledger(Protocol):
+    """One batch's rows and lease (``ledger.SqlLedger``); each call blocks, so it runs in a
+    thread, and raises ``ledger.LedgerUnavailable`` when the database does not answer."""
+
+    def acquire(self) -> tuple[Lease, float]: ...
+    def release(self) -> None: ...
+    def reconcile_in_flight(self) -> int: ...
+    def load(self) -> tuple[SendStatus, dt.datetime, dict[Variant, StoredTemplate]]: ...
+    def candidates(self) -> list[Candidate]: ...
+    def next_due(self) -> float | None: ...
+    def flush(
+        self, claims: Sequence[int], records: Sequence[Record], *, renew: bool
+    ) -> Flushed: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,339 +105,100 @@ class Policy:
         return float(min(self.retry_backoff * 2 ** (attempts - 1), MAX_BACKOFF_S))
 
 
+BatchOutcome = Literal[
+    "ran",  # everything due now was tried; ``due_in`` says when deferred readers are due
+    "held",  # another run holds the lease; it expires in ``due_in`` seconds
+    "missing",  # no such batch: nothing to do, ever
+    "stopped",  # the send is not sending (``send_status`` says what it is)
+    "taken_over",  # the lease was lost mid-run: the run that took it carries on
+    "interrupted",  # a fault (database, SMTP server, throttle...) stopped the run: ``error``
+    "handed_over",  # this process is shutting down: readers not yet claimed wait for another run
+    "misconfigured",  # a configuration problem (AUTH, TLS) that would fail every reader: ``error``
+]
+
+
 @dataclass(frozen=True)
 class BatchResult:
+    outcome: BatchOutcome
     sent: int = 0
     deferred: int = 0
     failed: int = 0
     skipped: int = 0
-    unknown: int = 0  # rows a dead worker left in flight, found when this run took the lease
-    retry_in: float | None = None  # seconds until deferred readers of this batch are due
-    held_for: float | None = None  # another run holds the batch this long: come back then
-    stopped: SendStatus | None = None  # the send was not sending (paused, cancelled, failed...)
-
-
-@dataclass(frozen=True)
-class StoredTemplate:
-    nonce: str
-    mime: bytes
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    id: int
-    subscriber_id: int
-    variant: Variant
-    attempts: int
-    email: str
-    name: str | None
-    status: str
-
-
-ResultKind = Literal["sent", "deferred", "failed", "skipped", "requeued"]
-
-
-@dataclass(frozen=True)
-class _Result:
-    kind: ResultKind
-    row: _Candidate
-    reply: str
-    message_id: str | None = None
-    next_attempt_at: dt.datetime | None = None
-    bounce: bool = False
-
-
-class LeaseLost(Exception):
-    """Another run took this batch over: stop sending at once."""
-
-
-# The writer's statements, built once: constructing them per flush cost more CPU than the
-# database work they do. ``b_send``, ``b_batch`` and ``b_owner`` name the batch and its lease.
-_LEASE_HELD = (
-    (SendBatchRow.send_id == bindparam("b_send"))
-    & (SendBatchRow.batch_no == bindparam("b_batch"))
-    & (SendBatchRow.lease_owner == bindparam("b_owner"))
-)
-_CLAIM = (
-    update(DeliveryRow)
-    .where(
-        DeliveryRow.id.in_(bindparam("ids", expanding=True)),
-        DeliveryRow.state.in_(("queued", "deferred")),
-        # Checked in the claim itself: a row claimed just after a pause would be skipped by its
-        # lane and stranded in ``sending``; and a run that lost its lease claims nothing.
-        select(SendRow.id)
-        .where(SendRow.id == bindparam("b_send"), SendRow.status == "sending")
-        .exists(),
-        select(SendBatchRow.send_id).where(_LEASE_HELD).exists(),
-    )
-    .values(state="sending", attempts=DeliveryRow.attempts + 1)
-    .returning(DeliveryRow.id)
-)
-_RENEW = update(SendBatchRow).where(_LEASE_HELD).values(lease_until=bindparam("b_until"))
-_RELEASE = update(SendBatchRow).where(_LEASE_HELD).values(lease_owner=None, lease_until=None)
-_STATUS = select(SendRow.status).where(SendRow.id == bindparam("b_send"))
-_CLAIMED_ROW = (DeliveryRow.id == bindparam("rid")) & (DeliveryRow.state == "sending")
-_UNCLAIMED_ROW = (DeliveryRow.id == bindparam("rid")) & DeliveryRow.state.in_(
-    ("queued", "deferred")
-)
-_RECORD: dict[ResultKind, Update] = {
-    "sent": update(DeliveryRow)
-    .where(_CLAIMED_ROW)
-    .values(
-        state="sent",
-        last_reply=bindparam("reply"),
-        message_id=bindparam("mid"),
-        sent_at=bindparam("now"),
-    ),
-    "deferred": update(DeliveryRow)
-    .where(_CLAIMED_ROW)
-    .values(
-        state="deferred",
-        last_reply=bindparam("reply"),
-        message_id=bindparam("mid"),
-        next_attempt_at=bindparam("next_at"),
-    ),
-    "failed": update(DeliveryRow)
-    .where(_CLAIMED_ROW)
-    .values(
-        state="failed",
-        last_reply=bindparam("reply"),
-        message_id=bindparam("mid"),
-        bounced=bindparam("bounce"),
-    ),
-    "skipped": update(DeliveryRow)
-    .where(_UNCLAIMED_ROW)
-    .values(state="skipped", last_reply=bindparam("reply")),
-    # Never handed to the server (the SMTP configuration failed): as if never claimed.
-    "requeued": update(DeliveryRow)
-    .where(_CLAIMED_ROW)
-    .values(state="queued", attempts=DeliveryRow.attempts - 1),
-}
-
-
-class _Ledger:
-    """The batch's rows in the database; every method is one short transaction."""
-
-    def __init__(self, engine: Engine, send_id: int, batch_no: int, lease: float) -> None:
-        self.engine = engine
-        self.send_id = send_id
-        self.batch_no = batch_no
-        self.lease = dt.timedelta(seconds=lease)
-        self.owner = secrets.token_hex(8)
-        self.conn: Connection = engine.connect()
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def _batch(self) -> ColumnElement[bool]:
-        return (SendBatchRow.send_id == self.send_id) & (SendBatchRow.batch_no == self.batch_no)
-
-    def _lease(self) -> dict[str, object]:
-        """The parameters of the statements about this run's lease (``_LEASE_HELD``)."""
-        return {"b_send": self.send_id, "b_batch": self.batch_no, "b_owner": self.owner}
-
-    def _rows(self) -> ColumnElement[bool]:
-        return (DeliveryRow.send_id == self.send_id) & (DeliveryRow.batch_no == self.batch_no)
-
-    def acquire(self) -> float | None:
-        """Take the lease; None if taken, else how long another live run still holds it."""
-        now = utcnow()
-        with self.conn.begin():
-            taken = self.conn.execute(
-                update(SendBatchRow)
-                .where(self._batch())
-                .where(SendBatchRow.lease_owner.is_(None) | (SendBatchRow.lease_until < now))
-                .values(lease_owner=self.owner, lease_until=now + self.lease)
-            ).rowcount
-            if taken:
-                return None
-            until = self.conn.scalar(select(SendBatchRow.lease_until).where(self._batch()))
-        if until is None:  # no such batch: nothing to do, ever
-            return 0.0
-        return max((until - now).total_seconds(), 0.0)
-
-    def release(self) -> None:
-        with self.conn.begin():
-            self.conn.execute(_RELEASE, self._lease())
-
-    def reconcile_in_flight(self) -> int:
-        """Rows left ``sending`` by a dead run: the server may have them, so never resend."""
-        with self.conn.begin():
-            return self.conn.execute(
-                update(DeliveryRow)
-                .where(self._rows(), DeliveryRow.state == "sending")
-                .values(
-                    state="unknown",
-                    last_reply="in flight when its worker stopped; not resent "
-                    "(`mailer sends retry-unknown` sends it again)",
-                )
-            ).rowcount
-
-    def load(self) -> tuple[SendStatus, dt.datetime, dict[Variant, StoredTemplate]]:
-        with self.conn.begin():
-            status, started = self.conn.execute(
-                select(SendRow.status, SendRow.started_at).where(SendRow.id == self.send_id)
-            ).one()
-            templates = {
-                variant: StoredTemplate(nonce, mime)
-                for variant, nonce, mime in self.conn.execute(
-                    select(
-                        SendVariantRow.variant, SendVariantRow.nonce, SendVariantRow.template
-                    ).where(SendVariantRow.send_id == self.send_id)
-                )
-            }
-        return status, started or utcnow(), templates
-
-    def candidates(self) -> list[_Candidate]:
-        """Rows to try now: queued ones, and deferred ones whose wait is over."""
-        now = utcnow()
-        with self.conn.begin():
-            rows = self.conn.execute(
-                select(
-                    DeliveryRow.id,
-                    DeliveryRow.subscriber_id,
-                    DeliveryRow.variant,
-                    DeliveryRow.attempts,
-                    SubscriberRow.email,
-                    SubscriberRow.name,
-                    SubscriberRow.status,
-                )
-                .join(SubscriberRow, SubscriberRow.id == DeliveryRow.subscriber_id)
-                .where(self._rows())
-                .where(
-                    (DeliveryRow.state == "queued")
-                    | ((DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= now))
-                )
-                .order_by(DeliveryRow.id)
-            ).all()
-        return [_Candidate(*row) for row in rows]
-
-    def next_due(self) -> float | None:
-        with self.conn.begin():
-            due = self.conn.scalar(
-                select(func.min(DeliveryRow.next_attempt_at)).where(
-                    self._rows(),
-                    DeliveryRow.state == "deferred",
-                )
-            )
-        if due is None:
-            return None
-        return max((due - utcnow()).total_seconds(), 0.0)
-
-    def flush(
-        self, claims: Sequence[int], results: Sequence[_Result], *, heartbeat: bool
-    ) -> tuple[set[int], SendStatus]:
-        """Record results, claim rows and (on heartbeats) renew the lease, in one transaction."""
-        now = utcnow()
-        key = self._lease()
-        with self.conn.begin():
-            self._record(results, now)
-            claimed: set[int] = set()
-            if claims:
-                claimed = set(self.conn.scalars(_CLAIM, {**key, "ids": list(claims)}))
-            if (
-                heartbeat
-                and not self.conn.execute(_RENEW, {**key, "b_until": now + self.lease}).rowcount
-            ):
-                raise LeaseLost(f"batch {self.batch_no} of send {self.send_id}")
-            status = self.conn.scalar(_STATUS, key)
-        assert status is not None
-        return claimed, status
-
-    def _record(self, results: Sequence[_Result], now: dt.datetime) -> None:
-        by_kind: dict[ResultKind, list[_Result]] = {}
-        for result in results:
-            by_kind.setdefault(result.kind, []).append(result)
-        for kind, group in by_kind.items():
-            self.conn.execute(
-                _RECORD[kind],
-                [
-                    {
-                        "rid": r.row.id,
-                        "reply": r.reply,
-                        "mid": r.message_id,
-                        "next_at": r.next_attempt_at,
-                        "bounce": r.bounce,
-                        "now": now,
-                    }
-                    for r in group
-                ],
-            )
-        for result in by_kind.get("failed", []):
-            if result.bounce:
-                self._bounce(result.row.subscriber_id, now)
-
-    def _bounce(self, subscriber_id: int, now: dt.datetime) -> None:
-        changed = self.conn.execute(
-            update(SubscriberRow)
-            .where(SubscriberRow.id == subscriber_id, SubscriberRow.status == "active")
-            .values(status="bounced", updated_at=now)
-        ).rowcount
-        if changed:
-            self.conn.execute(
-                insert(SubscriberEventRow).values(
-                    subscriber_id=subscriber_id,
-                    kind="status_changed",
-                    old="active",
-                    new="bounced",
-                    at=now,
-                    send_id=self.send_id,
-                )
-            )
+    unknown: int = 0  # rows a dead run left in flight, found when this run took the lease
+    due_in: float | None = None  # ran: first deferred reader due; held: the lease expires
+    send_status: SendStatus | None = None  # stopped: the send's status
+    error: str | None = None  # interrupted, misconfigured: what went wrong
 
 
 class _Writer:
-    """Group commit: lanes queue claims and results; one flush commits them all."""
+    """Group commit: lanes queue claims and records; one flush commits them all.
 
-    def __init__(self, ledger: _Ledger, lease: float) -> None:
+    It never raises: a flush that fails even after the ledger's retries sets ``fault``, answers
+    every claim "not claimed", and stops (records still queued stay unwritten, so their rows
+    stay ``sending`` and a later run finds them ``unknown``: the truth as far as it is known).
+    """
+
+    def __init__(self, ledger: Ledger, lease: float) -> None:
         self.ledger = ledger
         self.heartbeat = lease / 3
         self.claims: list[tuple[int, asyncio.Future[bool]]] = []
-        self.results: list[_Result] = []
+        self.records: list[Record] = []
         self.wakeup = asyncio.Event()
         self.closed = False
         self.status: SendStatus = "sending"
+        self.lease_held = True
+        self.fault: Exception | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.fault is None and self.lease_held and self.status == "sending"
 
     async def claim(self, row_id: int) -> bool:
+        if self.fault is not None or not self.lease_held:
+            return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.claims.append((row_id, future))
         self.wakeup.set()
         return await future
 
-    def record(self, result: _Result) -> None:
-        self.results.append(result)
+    def record(self, record: Record) -> None:
+        self.records.append(record)
         self.wakeup.set()
 
     async def run(self) -> None:
-        flushing: list[tuple[int, asyncio.Future[bool]]] = []
         loop = asyncio.get_running_loop()
         renew_at = loop.time()
-        try:
-            while not (self.closed and not self.claims and not self.results):
-                # With nothing to write, wake up all the same to renew the lease.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=self.heartbeat)
-                self.wakeup.clear()
-                flushing, self.claims = self.claims, []
-                results, self.results = self.results, []
-                # The lease is renewed on a timer, not with every flush: a claim already checks
-                # that the lease is still ours.
-                heartbeat = loop.time() >= renew_at
-                if heartbeat:
-                    renew_at = loop.time() + self.heartbeat
-                claimed, self.status = await asyncio.to_thread(
-                    self.ledger.flush, [c for c, _ in flushing], results, heartbeat=heartbeat
+        while not (self.closed and not self.claims and not self.records):
+            # With nothing to write, wake up all the same to renew the lease.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.heartbeat)
+            self.wakeup.clear()
+            claims, self.claims = self.claims, []
+            records, self.records = self.records, []
+            # The lease is renewed on a timer, not with every flush: a claim already checks
+            # that the lease is still ours.
+            renew = loop.time() >= renew_at
+            if renew:
+                renew_at = loop.time() + self.heartbeat
+            try:
+                flushed = await asyncio.to_thread(
+                    self.ledger.flush, [row for row, _ in claims], records, renew=renew
                 )
-                # The claim itself checked that the send was sending: a row it claimed is sent
-                # even if a pause landed a moment later (a row claimed but dropped here would be
-                # stranded in ``sending``). After a pause, the lanes claim nothing more.
-                for row_id, future in flushing:
-                    future.set_result(row_id in claimed)
-        except BaseException as exc:
-            for _, future in flushing + self.claims:
+            except Exception as exc:
+                self.fault = exc
+                for _, future in claims + self.claims:
+                    if not future.done():
+                        future.set_result(False)
+                self.claims = []
+                return
+            self.status = flushed.send_status
+            self.lease_held = flushed.lease_held
+            # The claim itself checked that the send was sending: a row it claimed is sent
+            # even if a pause landed a moment later (a row claimed but dropped here would be
+            # stranded in ``sending``). After a pause, the lanes claim nothing more.
+            for row_id, future in claims:
                 if not future.done():
-                    future.set_exception(exc)
-            raise
+                    future.set_result(row_id in flushed.claimed)
 
     def close(self) -> None:
         self.closed = True
@@ -429,110 +206,192 @@ class _Writer:
 
 
 async def deliver_batch(
-    engine: Engine,
-    send_id: int,
-    batch_no: int,
+    ledger: Ledger,
     *,
+    send_id: int,
     policy: Policy,
     sender: Sender,
     throttle: Throttle,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> BatchResult:
-    """Send what batch ``batch_no`` of send ``send_id`` still owes its readers."""
-    ledger = _Ledger(engine, send_id, batch_no, policy.lease)
+    """Send what the batch behind ``ledger`` still owes its readers; see the module doc.
+
+    ``stop_requested`` is asked before every claim: once it answers True the run hands over.
+    """
     try:
-        held = await asyncio.to_thread(ledger.acquire)
-        if held is not None:
-            return BatchResult(held_for=held)
+        lease, held_for = await asyncio.to_thread(ledger.acquire)
+        if lease == "missing":
+            return BatchResult("missing")
+        if lease == "held":
+            return BatchResult("held", due_in=held_for)
         try:
-            return await _run(ledger, policy, sender, throttle)
+            return await _Run(ledger, send_id, policy, sender, throttle, stop_requested).run()
         finally:
-            await asyncio.to_thread(ledger.release)
+            with contextlib.suppress(MailerError):  # it expires on its own; the result stands
+                await asyncio.to_thread(ledger.release)
+    except MailerError as exc:  # the ledger did not answer before anything was claimed
+        return BatchResult("interrupted", error=str(exc))
     finally:
         ledger.close()
 
 
-async def _run(ledger: _Ledger, policy: Policy, sender: Sender, throttle: Throttle) -> BatchResult:
-    unknown = await asyncio.to_thread(ledger.reconcile_in_flight)
-    status, started, templates = await asyncio.to_thread(ledger.load)
-    if status != "sending":
-        return BatchResult(unknown=unknown, stopped=status)
-    signer = Signer(policy.secret_keys)
-    personalisers = {
-        variant: Personaliser(
-            template, send_id=ledger.send_id, signer=signer, tracker_url=policy.tracker_url
-        )
-        for variant, template in templates.items()
-    }
-    rows = await asyncio.to_thread(ledger.candidates)
-    rows.reverse()  # lanes pop from the end: oldest rows first
-    writer = _Writer(ledger, policy.lease)
-    tally: dict[ResultKind, int] = {}
-    config_error: list[PermanentDeliveryError] = []
+class _Run:
+    """One run of a batch that holds its lease: the lanes, the writer, and how it ended."""
 
-    def record(result: _Result) -> None:
-        tally[result.kind] = tally.get(result.kind, 0) + 1
-        writer.record(result)
+    def __init__(
+        self,
+        ledger: Ledger,
+        send_id: int,
+        policy: Policy,
+        sender: Sender,
+        throttle: Throttle,
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        self.ledger = ledger
+        self.send_id = send_id
+        self.policy = policy
+        self.sender = sender
+        self.throttle = throttle
+        self.stop_requested = stop_requested
+        self.writer = _Writer(ledger, policy.lease)
+        self.tally: dict[Move, int] = {}
+        self.rows: list[Candidate] = []
+        self.fault: Exception | None = None  # stops every lane
+        self.unreachable: str | None = None  # why lanes gave up on the SMTP server
+        self.personalisers: dict[Variant, Personaliser] = {}
+        self.started = utcnow()
 
-    async def lane() -> None:
-        while rows and writer.status == "sending" and not config_error:
-            row = rows.pop()
-            if row.status != "active":  # unsubscribed, bounced or complained since planning
-                record(_Result("skipped", row, f"subscriber {row.status}"))
-                continue
-            domain = row.email.rpartition("@")[2].lower()
-            await throttle.acquire(domain)
-            if not await writer.claim(row.id):
-                continue
-            personaliser = personalisers[row.variant]
+    def going(self) -> bool:
+        return self.fault is None and self.writer.open and not self.stop_requested()
+
+    def record(self, record: Record) -> None:
+        self.tally[record.move] = self.tally.get(record.move, 0) + 1
+        self.writer.record(record)
+
+    async def run(self) -> BatchResult:
+        unknown = await asyncio.to_thread(self.ledger.reconcile_in_flight)
+        status, self.started, templates = await asyncio.to_thread(self.ledger.load)
+        if status != "sending":
+            return BatchResult("stopped", unknown=unknown, send_status=status)
+        signer = Signer(self.policy.secret_keys)
+        self.personalisers = {
+            variant: Personaliser(
+                template, send_id=self.send_id, signer=signer, tracker_url=self.policy.tracker_url
+            )
+            for variant, template in templates.items()
+        }
+        self.rows = await asyncio.to_thread(self.ledger.candidates)
+        self.rows.reverse()  # lanes pop from the end: oldest rows first
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.writer.run())
+            lanes = [group.create_task(self.lane()) for _ in range(self.policy.concurrency)]
+            await asyncio.wait(lanes)
+            self.writer.close()
+        return await self.result(unknown)
+
+    async def lane(self) -> None:
+        """Send rows until none is left or the run stops; never raises (sets ``fault``)."""
+        try:
+            while self.rows and self.going():
+                row = self.rows.pop()
+                if row.status != "active":  # unsubscribed, bounced or complained since planning
+                    self.record(Record("skipped", row, f"subscriber {row.status}"))
+                    continue
+                domain = row.email.rpartition("@")[2].lower()
+                await self.throttle.acquire(domain)
+                if not self.going():
+                    self.rows.append(row)  # not claimed: it stays queued for the next run
+                    return
+                if await self.writer.claim(row.id) and not await self.send(row, domain):
+                    return
+        except Exception as exc:
+            self.fail(exc)
+
+    async def send(self, row: Candidate, domain: str) -> bool:
+        """Send one claimed row and record what happened; False: this lane should stop."""
+        try:
+            personaliser = self.personalisers[row.variant]
             recipient = Recipient(row.subscriber_id, row.email, row.name)
             message_id = personaliser.message_id(recipient)
-            try:
-                outcome = await sender.send(
-                    personaliser.envelope_sender(recipient),
-                    row.email,
-                    personaliser.personalise(recipient),
+            message = personaliser.personalise(recipient)
+            envelope = personaliser.envelope_sender(recipient)
+        except Exception as exc:
+            self.record(Record("requeued", row, f"not sent: {exc}"))
+            self.fail(exc)
+            return False
+        try:
+            outcome = await self.sender.send(envelope, row.email, message)
+        except PermanentDeliveryError as exc:  # raised before anything was sent
+            self.record(Record("requeued", row, str(exc)))
+            self.fail(exc)
+            return False
+        except Exception as exc:
+            # Whether the server has it is unknown: never resent unasked.
+            self.record(Record("lost", row, f"the SMTP client failed mid-message: {exc!r}"))
+            self.fail(exc)
+            return False
+        if outcome.unreachable:
+            # Nothing was handed over: the reader keeps their attempt, the row its place.
+            self.record(Record("requeued", row, outcome.reply))
+            self.unreachable = outcome.reply
+        else:
+            self.record(_record(row, outcome, message_id, self.policy, self.started))
+        if outcome.domain_backoff:
+            await self.throttle.backoff(domain)
+        return not outcome.unreachable
+
+    def fail(self, exc: Exception) -> None:
+        if self.fault is None:
+            self.fault = exc
+            if not isinstance(exc, MailerError):
+                log.error(
+                    "batch of send %s stopped by an unexpected error",
+                    self.send_id,
+                    exc_info=exc,
                 )
-            except PermanentDeliveryError as exc:
-                config_error.append(exc)
-                record(_Result("requeued", row, str(exc)))
-                return
-            if outcome.domain_backoff:
-                await throttle.backoff(domain)
-            record(_result(row, outcome, message_id, policy, started))
 
-    writing = asyncio.create_task(writer.run())
-    try:
-        lanes = [asyncio.create_task(lane()) for _ in range(policy.concurrency)]
-        await asyncio.gather(*lanes)
-    finally:
-        writer.close()
-        await writing
-    if config_error:
-        raise config_error[0]
-    retry_in = await asyncio.to_thread(ledger.next_due)
-    return BatchResult(
-        sent=tally.get("sent", 0),
-        deferred=tally.get("deferred", 0),
-        failed=tally.get("failed", 0),
-        skipped=tally.get("skipped", 0),
-        unknown=unknown,
-        retry_in=retry_in,
-        stopped=None if writer.status == "sending" else writer.status,
-    )
+    async def result(self, unknown: int) -> BatchResult:
+        tally = self.tally
+        ended = functools.partial(
+            BatchResult,
+            sent=tally.get("sent", 0),
+            deferred=tally.get("deferred", 0),
+            failed=tally.get("failed", 0),
+            skipped=tally.get("skipped", 0),
+            unknown=unknown + tally.get("lost", 0),
+        )
+        fault = self.fault or self.writer.fault
+        if isinstance(fault, PermanentDeliveryError):
+            return ended("misconfigured", error=str(fault))
+        if fault is not None:
+            return ended("interrupted", error=str(fault) or repr(fault))
+        if not self.writer.lease_held:
+            return ended("taken_over", error="another run took the batch over")
+        if self.writer.status != "sending":
+            return ended("stopped", send_status=self.writer.status)
+        if self.rows and self.stop_requested():
+            return ended("handed_over")
+        if self.rows:  # every lane gave up on the SMTP server
+            return ended("interrupted", error=self.unreachable)
+        try:
+            due_in = await asyncio.to_thread(self.ledger.next_due)
+        except MailerError as exc:
+            return ended("interrupted", error=str(exc))
+        return ended("ran", due_in=due_in)
 
 
-def _result(
-    row: _Candidate, outcome: Outcome, message_id: str, policy: Policy, started: dt.datetime
-) -> _Result:
+def _record(
+    row: Candidate, outcome: Outcome, message_id: str, policy: Policy, started: dt.datetime
+) -> Record:
     reply = f"{outcome.code} {outcome.reply}" if outcome.code else outcome.reply
     if outcome.state == "sent":
-        return _Result("sent", row, reply, message_id)
+        return Record("sent", row, reply, message_id)
     if outcome.state == "failed":
         # A 5xx to RCPT or DATA is a hard bounce; a refused sender is our problem, not theirs.
-        return _Result("failed", row, reply, message_id, bounce=outcome.bounce)
+        return Record("failed", row, reply, message_id, bounce=outcome.bounce)
     attempts = row.attempts + 1
     now = utcnow()
     if attempts >= policy.retry_attempts or (now - started).total_seconds() >= policy.retry_max_age:
-        return _Result("failed", row, f"gave up after {attempts} attempts: {reply}", message_id)
+        return Record("failed", row, f"gave up after {attempts} attempts: {reply}", message_id)
     next_at = now + dt.timedelta(seconds=policy.backoff(attempts))
-    return _Result("deferred", row, reply, message_id, next_attempt_at=next_at)
+    return Record("deferred", row, reply, message_id, next_attempt_at=next_at)

@@ -9,6 +9,9 @@ returns an ``Outcome``; an SMTP-level problem is never an exception:
 - 5xx to MAIL FROM: ``failed``, no bounce, and the reply says the *sender* was refused.
 - A dropped or refused connection, a garbled reply, any timeout: ``deferred``, code None.
 - A 4xx greeting or EHLO reply: ``deferred`` with the reply's code.
+- ``unreachable`` is set when nothing was handed over (no connection, no greeting, or the
+  new connection dropped before MAIL FROM was answered): the batch gives the reader their
+  attempt back and stops using that connection.
 - A recipient address that cannot go on a command line: ``failed``, ``bounce``; a non-ASCII
   address to a server without SMTPUTF8: ``failed``, no bounce.
 
@@ -70,6 +73,8 @@ class Outcome:
     reply: str  # the server's reply text, or what went wrong; one line, at most MAX_REPLY
     domain_backoff: bool = False  # 421/450/451/452/454: slow down for this recipient's domain
     bounce: bool = False  # failed because of the recipient or the message (5xx to RCPT or DATA)
+    # Deferred before anything was handed over: the server could not be reached or greeted.
+    unreachable: bool = False
 
 
 class SmtpConnectError(TransientDeliveryError):
@@ -281,11 +286,17 @@ class SmtpPool:
             try:
                 conn = await self._connect()
             except SmtpConnectError as exc:
-                return Outcome("deferred", exc.code, str(exc), exc.code in BACKOFF_CODES)
+                backoff = exc.code in BACKOFF_CODES
+                return Outcome("deferred", exc.code, str(exc), backoff, unreachable=True)
             try:
                 return await self._send_on(conn, envelope_from, recipient, message)
             except _StaleConnection:
-                return _deferred("connection dropped before MAIL FROM was answered")
+                return Outcome(
+                    "deferred",
+                    None,
+                    "connection dropped before MAIL FROM was answered",
+                    unreachable=True,
+                )
 
     def _take_idle(self) -> SMTP | None:
         # Most recently used first: a light load keeps few connections open.

@@ -22,6 +22,11 @@ Fast path. With no global limit, a message to a domain with no limit and no back
 I/O: the set of backed-off domains is reread at most every ``refresh`` seconds (1 s), so a
 back-off reported by another worker takes effect here within that time.
 
+Without Redis. Reading the set of back-offs and reporting one never fail a batch: while Redis
+is away the throttle keeps the back-offs it knew and its own, so with no limit configured a
+Redis outage costs nothing. Only taking from a configured limit needs Redis, and raises
+``TransientDeliveryError`` when it does not answer (the batch stops and is retried).
+
 ``RedisThrottle`` keeps the state in Redis so that every worker process shares it; each
 attempt to take is one EVALSHA of an atomic Lua script that uses Redis's clock, so workers'
 clocks need not agree. Keys under ``key_prefix``: ``g`` (global TAT, ms), ``d:<domain>``
@@ -33,6 +38,7 @@ in one process, for running without Redis.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -45,6 +51,8 @@ import redis.exceptions
 
 from mailer.config import Settings
 from mailer.errors import TransientDeliveryError
+
+log = logging.getLogger(__name__)
 
 MIN_TOLERANCE = 0.05  # seconds
 
@@ -113,13 +121,21 @@ class _Throttle(ABC):
         # Concurrent callers wait for one read rather than go on with a stale (or empty) set.
         async with self._refresh_lock:
             if time.monotonic() >= self._refresh_at:
-                self._backed_off = await self._backed_off_domains()
+                try:
+                    self._backed_off = await self._backed_off_domains()
+                except TransientDeliveryError as exc:
+                    # Sending without a limit needs no shared state: carry on with what we knew.
+                    log.warning("%s; using the back-offs known so far", exc)
                 self._refresh_at = time.monotonic() + self._policy.refresh
 
     async def backoff(self, domain: str) -> None:
         domain = domain.lower()
-        await self._backoff(domain, self._cap(domain))
         self._backed_off.add(domain)
+        try:
+            await self._backoff(domain, self._cap(domain))
+        except TransientDeliveryError as exc:
+            # The reader is deferred all the same; only other workers miss the slow-down.
+            log.warning("%s; back-off of %s not shared", exc, domain)
 
     def _cap(self, domain: str) -> float:
         """The rate a back-off of ``domain`` starts from and recovers to."""
