@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,26 @@ def _subscriber(email: str, trial_ends_at: dt.datetime | None = None) -> Subscri
     return SubscriberRow(
         email=email, email_key=key, domain=key.rpartition("@")[2], trial_ends_at=trial_ends_at
     )
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_concurrent_upgrades_of_a_fresh_postgresql_database_both_succeed(db_url: str) -> None:
+    env = {**os.environ, "MAILER_DATABASE_URL": db_url}
+    upgrades = [
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "mailer"), "db", "upgrade"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for upgrade in upgrades:
+        _, err = upgrade.communicate(timeout=120)
+        assert upgrade.returncode == 0, err
+    engine = db.connect(db_url)
+    db.check(engine)
+    engine.dispose()

@@ -6,9 +6,13 @@ a batch run twice, and a run that dies with messages in flight never send twice.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import datetime as dt
 import email
 import email.policy
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ from typing import Any
 
 import pytest
 from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greylist, serve
-from sqlalchemy import Engine, event, select, update
+from sqlalchemy import Engine, create_engine, event, select, text, update
 
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -25,12 +29,17 @@ from mailer.config import Settings, load_settings
 from mailer.db.models import (
     DeliveryRow,
     SendBatchRow,
+    SendRow,
+    SendVariantRow,
     SubscriberEventRow,
     SubscriberRow,
     utcnow,
 )
 from mailer.db.posts_repo import save_post
-from mailer.delivery.runner import Runtime, run_inline
+from mailer.delivery import runner
+from mailer.delivery.runner import Runtime, next_run, run_inline
+from mailer.delivery.smtp import SmtpPool
+from mailer.errors import TransientDeliveryError
 from mailer.posts import parse_post_text
 
 POST = """\
@@ -419,3 +428,199 @@ def test_cancel_skips_the_rest(setup: Setup) -> None:
         assert server.handler.messages == []
     info = setup.info(send_id)
     assert info.status == "cancelled" and info.counts["skipped"] == len(setup.readers)
+
+
+# Whatever fails inside a batch, it ends in order: no lane outlives it, what reached the server
+# is recorded, what was claimed but not sent is queued again, and the batch runs again.
+
+
+class FailingThrottle:
+    """Raises what ``RedisThrottle`` raises when Redis fails, on its ``fail_at``-th acquire."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.calls = 0
+
+    async def acquire(self, domain: str) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise TransientDeliveryError("rate limiter: Redis failed: Connection refused")
+
+    async def backoff(self, domain: str) -> None:
+        pass
+
+
+def states(setup: Setup, send_id: int) -> dict[str, int]:
+    return {k: v for k, v in setup.info(send_id).counts.items() if v}
+
+
+def no_task_left(runtime: Runtime) -> None:
+    pending = [t for t in asyncio.all_tasks(runtime.loop) if not t.done()]
+    assert pending == [], pending
+
+
+def test_a_lane_that_fails_stops_the_batch_in_order_and_it_runs_again(setup: Setup) -> None:
+    with serve(Slow(0.05)) as server:
+        settings = setup.settings(server.settings().port, MAILER_BATCH_SIZE="30")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine, throttle=FailingThrottle(fail_at=6))
+        result = runtime.run_batch(send_id, 0)
+        no_task_left(runtime)
+        at_return = len(server.handler.messages)
+        time.sleep(0.3)  # a lane left behind would hand more messages to the server now
+        assert len(server.handler.messages) == at_return
+        assert result.outcome == "interrupted" and "Redis failed" in (result.error or "")
+        counts = states(setup, send_id)
+        assert counts == {"sent": at_return, "queued": len(setup.readers) - at_return}
+        assert result.sent == at_return
+        wait = next_run(result)
+        assert wait is not None and 0 < wait <= 2 * runner.INTERRUPTED_FIRST_S
+        assert setup.info(send_id).status == "sending"
+
+        runtime.throttle = FailingThrottle(fail_at=0)
+        run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    assert setup.info(send_id).status == "done"
+
+
+def test_a_lost_lease_ends_the_run_with_no_lane_left(setup: Setup) -> None:
+    with serve(Slow(0.05)) as server:
+        settings = setup.settings(
+            server.settings().port, MAILER_BATCH_SIZE="30", MAILER_BATCH_LEASE="600ms"
+        )
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        running = concurrent.futures.ThreadPoolExecutor(1).submit(runtime.run_batch, send_id, 0)
+        server.handler.wait_for(4)
+        with db.session(setup.engine) as session:  # another run takes the batch over
+            session.execute(
+                update(SendBatchRow).values(
+                    lease_owner="thief", lease_until=utcnow().replace(year=2100)
+                )
+            )
+        result = running.result(timeout=30)
+        no_task_left(runtime)
+        runtime.close()
+    assert result.outcome == "taken_over" and next_run(result) is None
+    counts = states(setup, send_id)
+    assert counts["sent"] == len(server.handler.messages) == result.sent
+    assert "sending" not in counts  # what was in flight was recorded
+
+
+def test_a_missing_batch_is_nothing_to_do_ever(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port)
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        result = runtime.run_batch(send_id, 99)
+        runtime.close()
+    assert result.outcome == "missing" and next_run(result) is None
+
+
+def test_a_shutdown_hands_the_rest_over_at_once(setup: Setup) -> None:
+    with serve(Slow(0.02)) as server:
+        settings = setup.settings(server.settings().port, MAILER_BATCH_SIZE="30")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(
+            settings,
+            engine=setup.engine,
+            stop_requested=lambda: len(server.handler.messages) >= 5,
+        )
+        result = runtime.run_batch(send_id, 0)
+        no_task_left(runtime)
+        assert result.outcome == "handed_over" and next_run(result) == 0
+        counts = states(setup, send_id)
+        assert counts == {"sent": result.sent, "queued": len(setup.readers) - result.sent}
+        runtime.stop_requested = lambda: False
+        run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+
+
+class Crashing:
+    """An SMTP client that fails mid-message for one reader: the server may have it or not."""
+
+    def __init__(self, pool: Any, address: str) -> None:
+        self.pool = pool
+        self.address = address
+
+    async def send(self, envelope_from: str, recipient: str, message: bytes) -> Any:
+        if recipient == self.address:
+            raise RuntimeError("client bug")
+        return await self.pool.send(envelope_from, recipient, message)
+
+
+def test_a_client_that_fails_mid_message_leaves_that_reader_unknown_not_resent(
+    setup: Setup,
+) -> None:
+    crash = "reader4@example.com"
+    with serve() as server:
+        settings = setup.settings(server.settings().port, MAILER_BATCH_SIZE="30")
+        send_id = setup.create_send(settings)
+        pool = SmtpPool(settings.smtp, size=4, connect_timeout=2, command_timeout=2, data_timeout=2)
+        crashing = Runtime(settings, engine=setup.engine, sender=Crashing(pool, crash))
+        result = crashing.run_batch(send_id, 0)
+        no_task_left(crashing)
+        assert result.outcome == "interrupted" and result.unknown == 1
+        crashing.loop.run_until_complete(pool.close())
+        crashing.close()
+        setup.deliver(settings, send_id)
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(a for a in setup.readers if a != crash)
+    info = setup.info(send_id)
+    assert info.counts["unknown"] == 1 and info.status == "done"
+
+
+def test_postgresql_connections_killed_mid_batch_lose_nothing(setup: Setup) -> None:
+    if setup.engine.dialect.name != "postgresql":
+        pytest.skip("terminates PostgreSQL backends")
+    with serve(Slow(0.02)) as server:
+        settings = setup.settings(server.settings().port, MAILER_BATCH_SIZE="30")
+        send_id = setup.create_send(settings)
+        runtime = Runtime(settings, engine=setup.engine)
+        running = concurrent.futures.ThreadPoolExecutor(1).submit(runtime.run_batch, send_id, 0)
+        server.handler.wait_for(5)
+        admin = create_engine(setup.engine.url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+        admin.dispose()
+        assert killed
+        result = running.result(timeout=60)
+        no_task_left(runtime)
+        if result.outcome != "ran":  # the kill landed outside a flush: it runs again
+            run_inline(runtime, send_id)
+        runtime.close()
+        received = by_recipient(server.handler.messages)
+    assert received == Counter(list(setup.readers))
+    info = setup.info(send_id)
+    assert info.counts["sent"] == len(setup.readers) and info.status == "done"
+
+
+def test_a_batch_that_keeps_failing_fails_its_send_at_the_maximum_age(setup: Setup) -> None:
+    with serve() as server:
+        settings = setup.settings(server.settings().port, MAILER_RETRY_MAX_AGE="1h")
+        send_id = setup.create_send(settings)
+        with db.session(setup.engine) as session:  # a template nothing can personalise
+            session.execute(update(SendVariantRow).values(template=b"garbage"))
+        runtime = Runtime(settings, engine=setup.engine)
+        early = runtime.run_batch(send_id, 0)
+        assert early.outcome == "interrupted" and "Message-ID" in (early.error or "")
+        assert setup.info(send_id).status == "sending"
+        assert states(setup, send_id) == {"queued": len(setup.readers)}
+        with db.session(setup.engine) as session:
+            session.execute(update(SendRow).values(started_at=utcnow() - dt.timedelta(hours=2)))
+        late = runtime.run_batch(send_id, 0)
+        runtime.close()
+        assert server.handler.messages == []
+    assert (late.outcome, late.send_status) == ("stopped", "failed") and next_run(late) is None
+    info = setup.info(send_id)
+    assert info.status == "failed" and "Message-ID" in (info.error or "")
+    assert states(setup, send_id) == {"queued": len(setup.readers)}  # `resume` carries on

@@ -231,3 +231,18 @@ def test_redis_down_is_a_transient_delivery_error() -> None:
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_without_a_limit_redis_down_costs_nothing() -> None:
+    async def run() -> None:
+        no_retries = Retry(NoBackoff(), 0)
+        client = redis.asyncio.Redis(host="127.0.0.1", port=closed_port(), retry=no_retries)
+        throttle = RedisThrottle(
+            client, rate_limit=0, domain_limits=(), backoff=BackoffPolicy(refresh=0.0)
+        )
+        for _ in range(3):  # every acquire rereads the back-offs, and finds Redis away
+            await throttle.acquire("example.org")
+        await throttle.backoff("busy.example")  # kept here, not shared: the reader is deferred
+        await client.aclose()
+
+    asyncio.run(run())

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+UPGRADE_LOCK = 0x6D61696C  # "mail": the advisory lock key `upgrade` holds on PostgreSQL
 
 
 def head() -> str:
@@ -121,6 +122,11 @@ def upgrade(url: str) -> None:
     try:
         with _connection(engine) as connection:
             sqlite = connection.dialect.name == "sqlite"
+            if not sqlite:
+                # Two upgrades at once (two containers starting) take turns: the second finds
+                # the schema at head. Held until this connection closes.
+                connection.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK})")
+                connection.commit()
             if sqlite:
                 # Batch migrations rebuild SQLite tables by copy-and-drop; with foreign keys
                 # on, the drop would cascade. The pragma only takes effect outside a transaction.

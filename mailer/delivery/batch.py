@@ -192,7 +192,7 @@ class _Writer:
                 self.claims = []
                 return
             self.status = flushed.send_status
-            self.lease_held = flushed.lease_held
+            self.lease_held = self.lease_held and flushed.lease_held  # lost for good
             # The claim itself checked that the send was sending: a row it claimed is sent
             # even if a pause landed a moment later (a row claimed but dropped here would be
             # stranded in ``sending``). After a pause, the lanes claim nothing more.
@@ -229,8 +229,10 @@ async def deliver_batch(
         finally:
             with contextlib.suppress(MailerError):  # it expires on its own; the result stands
                 await asyncio.to_thread(ledger.release)
-    except MailerError as exc:  # the ledger did not answer before anything was claimed
-        return BatchResult("interrupted", error=str(exc))
+    except Exception as exc:  # before any lane started: nothing was claimed
+        if not isinstance(exc, MailerError):
+            log.error("batch of send %s failed to start", send_id, exc_info=exc)
+        return BatchResult("interrupted", error=str(exc) or repr(exc))
     finally:
         ledger.close()
 
