@@ -186,6 +186,7 @@ class Rig:
         assert not twice, self.report(f"{len(twice)} readers mailed twice, e.g. {twice[:3]}")
         assert not never, self.report(f"{len(never)} readers never mailed")
         assert sent == set(received), self.report("the ledger's sent rows are not the received")
+        print("; ".join(self.notes))  # shown by pytest -rA: when the fault came, how long
 
 
 @contextlib.contextmanager
