@@ -162,8 +162,11 @@ class Rig:
             f"({twice} mailed more than once); " + "; ".join(self.notes),
         ]
         for log in self.logs:
-            lines.append(f"--- {log.name} (errors and warnings, last 25) ---")
-            lines += _trouble(log)[-25:]
+            errors, warnings = _trouble(log)
+            lines.append(f"--- {log.name}: {len(errors)} errors, the last 10 ---")
+            lines += errors[-10:]
+            lines.append(f"--- {log.name}: {len(warnings)} warnings, the last 10 ---")
+            lines += warnings[-10:]
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -208,11 +211,16 @@ def rig(
         yield Rig(engine, db_url, tmp_path, processes, broker, server, handler, env, addresses)
 
 
-def _trouble(log: Path) -> list[str]:
+def _trouble(log: Path) -> tuple[list[str], list[str]]:
+    """A worker log's error lines (tracebacks' last lines too) and its warning lines."""
     if not log.exists():
-        return []
-    pattern = re.compile(r"ERROR|WARNING|CRITICAL|Error|Traceback|exited|Lost")
-    return [line for line in log.read_text(errors="replace").splitlines() if pattern.search(line)]
+        return [], []
+    lines = log.read_text(errors="replace").splitlines()
+    error = re.compile(r"ERROR|CRITICAL|^\w+(\.\w+)*(Error|Exception): ")
+    return (
+        [line for line in lines if error.search(line)],
+        [line for line in lines if "WARNING" in line],
+    )
 
 
 @pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
