@@ -21,6 +21,14 @@ inject one fault:
 - ``Slow(delay, stage="data")``: waits ``delay`` seconds before answering (then accepts).
 - ``CloseAfter(k)``: on each connection, answers the MAIL FROM after ``k`` messages with
   421 and closes the connection.
+- ``Outage(delay)``: waits ``delay`` seconds before answering each final dot and, for a
+  stretch of time, injects a fault: ``refuse_all(seconds)`` answers every command (EHLO,
+  MAIL, RCPT, DATA, RSET...) with 421 and closes the connection; ``cut_data(seconds, every=k)``
+  answers every k-th DATA with 354, reads part of the message and hangs up without a reply
+  (the partial message is not recorded).
+
+``server.down()`` stops a server as a killed process would be (every open connection closed,
+nothing listening); ``server.up()`` starts it again on the same port, with the same handler.
 
 ``serve(handler, auth=("user", "pass"))`` requires AUTH (PLAIN or LOGIN, no TLS needed);
 ``starttls=True`` requires STARTTLS and ``implicit_tls=True`` speaks TLS from the start,
@@ -245,17 +253,102 @@ def client_tls_context() -> ssl.SSLContext:
     return context
 
 
+class Outage(Recorder):
+    """Slow (``delay`` before each final reply) and, while a fault is on, faulty."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self._refuse_until = 0.0
+        self._cut_until = 0.0
+        self._cut_every = 1
+        self._data_commands = 0
+        self.refused = 0  # commands answered 421
+        self.cut = 0  # messages cut off mid-DATA
+
+    def refuse_all(self, seconds: float) -> None:
+        """From now on, for ``seconds``: every command gets 421 and the connection closes."""
+        self._refuse_until = time.monotonic() + seconds
+
+    def cut_data(self, seconds: float, *, every: int = 1) -> None:
+        """From now on, for ``seconds``: every ``every``-th DATA is cut off midway."""
+        self._cut_every = every
+        self._cut_until = time.monotonic() + seconds
+
+    def refusing(self) -> bool:
+        return time.monotonic() < self._refuse_until
+
+    def cutting(self) -> bool:
+        if time.monotonic() >= self._cut_until:
+            return False
+        self._data_commands += 1
+        return self._data_commands % self._cut_every == 0
+
+    async def on_data(self, server: SMTP, session: Session, envelope: Envelope) -> str | None:
+        await asyncio.sleep(self.delay)
+        return None
+
+
+def _abort(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection at once (a reset: nothing buffered is sent)."""
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+    elif transport is not None:
+        transport.close()
+
+
+def _guarded(smtp: SMTP, handler: Outage, command: str, method: Any) -> Any:
+    """``method`` (an ``smtp_*`` command of aiosmtpd) behind ``handler``'s faults."""
+
+    async def guarded(arg: str) -> None:
+        transport = smtp.transport
+        if handler.refusing() and transport is not None:
+            handler.refused += 1
+            await smtp.push("421 4.3.2 smtp.test Service not available, closing channel")
+            transport.close()
+            return
+        if command == "DATA" and smtp.envelope and smtp.envelope.rcpt_tos and handler.cutting():
+            handler.cut += 1
+            await smtp.push("354 End data with <CR><LF>.<CR><LF>")
+            # Part of the message (its first lines), then the line goes dead: no reply.
+            for _ in range(3):
+                await smtp._reader.readuntil(b"\r\n")
+            _abort(transport)
+            return
+        await method(arg)
+
+    return guarded
+
+
 class _Controller(Controller):
-    def __init__(self, handler: Recorder, **kwargs: Any) -> None:
+    def __init__(self, handler: Recorder, port: int = 0, **kwargs: Any) -> None:
         super().__init__(
-            handler, hostname=HOST, port=0, ready_timeout=5.0, server_hostname="smtp.test", **kwargs
+            handler,
+            hostname=HOST,
+            port=port,
+            ready_timeout=5.0,
+            server_hostname="smtp.test",
+            **kwargs,
         )
         self.connections = 0
+        self.live: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def factory(self) -> SMTP:
         self.connections += 1  # aiosmtpd makes one SMTP protocol per connection
         smtp: SMTP = super().factory()  # type: ignore[no-untyped-call]
+        if isinstance(self.handler, Outage):
+            smtp._smtp_methods = {
+                name: _guarded(smtp, self.handler, name, method)
+                for name, method in smtp._smtp_methods.items()
+            }
+        self.live.add(smtp)
         return smtp
+
+    def hang_up(self) -> None:
+        """Close every open connection (call in the server's loop)."""
+        for smtp in list(self.live):
+            if smtp.transport is not None:
+                _abort(smtp.transport)
 
     def _trigger_server(self) -> None:
         # Bound to port 0: the controller must learn the real port before it connects.
@@ -265,17 +358,54 @@ class _Controller(Controller):
 
 
 class SmtpServer:
-    def __init__(self, controller: _Controller, handler: Recorder, settings: SmtpSettings):
-        self._controller = controller
+    def __init__(
+        self,
+        controller: _Controller,
+        handler: Recorder,
+        settings: SmtpSettings,
+        options: dict[str, Any],
+    ):
+        self._controller: _Controller | None = controller
         self._settings = settings
+        self._options = options
+        self._earlier_connections = 0
         self.handler = handler
         self.host = settings.host
         self.port = settings.port
 
     @property
     def connections(self) -> int:
-        """Connections accepted so far (the controller's own start-up check excluded)."""
-        return self._controller.connections - 1
+        """Connections accepted so far (the controllers' own start-up checks excluded)."""
+        now = 0 if self._controller is None else self._controller.connections - 1
+        return self._earlier_connections + now
+
+    def down(self) -> None:
+        """Stop as a killed server would: open connections closed, nothing listening."""
+        controller, self._controller = self._controller, None
+        assert controller is not None, "the server is down already"
+        self._earlier_connections += controller.connections - 1
+        controller.loop.call_soon_threadsafe(controller.hang_up)
+        controller.stop()
+
+    def up(self) -> None:
+        """Listen again on the same port, with the same handler."""
+        assert self._controller is None, "the server is up already"
+        deadline = time.monotonic() + 10
+        while True:
+            controller = _Controller(self.handler, self.port, **self._options)
+            try:
+                controller.start()
+                break
+            except OSError:  # the port is not free yet (or was taken meanwhile)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self._controller = controller
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
 
     def settings(self, **changes: Any) -> SmtpSettings:
         """How to reach this server (with its login and TLS mode), with ``changes`` made."""
@@ -316,10 +446,11 @@ def serve(
     controller.start()
     username, password = auth or (None, None)
     settings = SmtpSettings(HOST, controller.port, username, password, implicit_tls, starttls)
+    server = SmtpServer(controller, handler, settings, kwargs)
     try:
-        yield SmtpServer(controller, handler, settings)
+        yield server
     finally:
-        controller.stop()
+        server.stop()
 
 
 @contextlib.contextmanager

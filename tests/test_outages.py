@@ -1,0 +1,375 @@
+"""Proven under real outages: a send of 2,000 readers through a real Celery worker, a real SMTP
+server and real services, with a fault injected mid-send, must end ``done`` on its own.
+
+Each scenario sends to ``READERS`` readers (spread over ``DOMAINS`` domains, as a real list is:
+a 421 backs off only the domains it came from), starts the fault once ``FAULT_AT`` messages
+arrived, then waits, bounded, for the send to become ``done`` with no manual step, and checks:
+
+- every reader got exactly one message (RCPT TO counted per address at the server; a message
+  cut off mid-DATA is never recorded);
+- the ledger agrees: every row ``sent`` (no ``unknown``, ``failed``, ``skipped``, nothing left
+  ``queued``, ``sending`` or ``deferred``), and the sent rows are the addresses received;
+- the send's status is ``done``.
+
+A send that gets stuck fails after ``STALL_S`` seconds without progress (or its deadline) with
+the ledger's and the server's counts and the worker's errors. Each test uses a broker of its
+own (a ``redis-server`` on a free port, without persistence) and the worker's default number
+of processes. Only the broker scenario runs ``celery beat``: it is the one whose recovery
+needs the periodic reconciler (the worker lives on, so no start-up reconcile comes to help).
+Each scenario runs on one backend (the broker's on both) to keep the suite short; the
+PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from smtp_servers import Outage, SmtpServer, serve, wait_until
+from sqlalchemy import Engine, make_url, select, text
+from sqlalchemy.exc import OperationalError
+from workers import (
+    Processes,
+    RedisServer,
+    add_readers,
+    environment,
+    kill,
+    run_mailer,
+    start_beat,
+    start_worker,
+)
+
+from mailer import db, sends
+from mailer.db.models import DeliveryRow, SubscriberRow
+
+pytestmark = pytest.mark.outage
+
+READERS = 2000
+DOMAINS = 100
+FAULT_AT = 300  # messages arrived before the fault starts
+STALL_S = 45.0  # longer than beat's 30 s reconcile period and the longest back-off wait here
+SLUG = "the-outage"
+POST = f"---\ntitle: The Outage\nslug: {SLUG}\n---\n\nHello {{{{ name }}}}.\n"
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
+
+# Short enough to keep each test near a minute. The retry budget is the default's shape (6
+# attempts from a 1 m back-off: 31 min of patience) scaled to the 1 s back-off: 10 attempts
+# give 8.5 min, far more than any outage here, where 6 would give up after 31 s, about as
+# long as the 421 outage: a reader would fail by the retry policy, not by a defect.
+SETTINGS = {
+    "MAILER_BATCH_SIZE": "200",
+    "MAILER_BATCH_LEASE": "5s",
+    "MAILER_RETRY_BACKOFF": "1s",
+    "MAILER_RETRY_ATTEMPTS": "10",
+    "MAILER_SMTP_CONNECT_TIMEOUT": "5s",
+    "MAILER_SMTP_COMMAND_TIMEOUT": "10s",
+    "MAILER_SMTP_DATA_TIMEOUT": "10s",
+}
+
+
+@dataclass
+class Rig:
+    """The services of one scenario, and what it needs to start, fault and check them."""
+
+    engine: Engine
+    db_url: str
+    tmp_path: Path
+    processes: Processes
+    broker: RedisServer
+    server: SmtpServer
+    handler: Outage
+    env: dict[str, str]
+    addresses: list[str]
+    send_id: int = 0
+    logs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"{name}.log"
+        self.logs.append(log)
+        return start_worker(self.processes, self.env, log, name=name)
+
+    def beat(self) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / "beat.log"
+        self.logs.append(log)
+        return start_beat(self.processes, self.env, log)
+
+    def send(self) -> None:
+        out = run_mailer(self.env, self.tmp_path, "send", SLUG, "--segment", "all", "--yes")
+        self.send_id = int(out)
+
+    def received(self) -> int:
+        return len(self.handler.messages)
+
+    def mid_send(self, count: int = FAULT_AT) -> int:
+        """Wait for ``count`` messages to have arrived; check the send is not over yet."""
+        try:
+            wait_until(lambda: self.received() >= count, timeout=60)
+        except AssertionError:
+            raise AssertionError(self.report(f"{count} messages never arrived")) from None
+        arrived = self.received()
+        assert arrived < READERS - 200, self.report(f"the fault came too late ({arrived} in)")
+        self.notes.append(f"fault at {arrived} messages")
+        return arrived
+
+    def counts(self) -> tuple[str, dict[str, int]]:
+        """The send's status and its ledger's counts by state (the zeros left out)."""
+        for _ in range(20):  # the test's own connection may meet the fault too
+            try:
+                with db.session(self.engine) as session:
+                    info = sends.show(session, self.send_id)
+                return info.status, {k: v for k, v in info.counts.items() if v}
+            except OperationalError:
+                time.sleep(0.5)
+        raise AssertionError("the test could not read the ledger")
+
+    def wait_done(self, timeout: float = 90.0) -> None:
+        """Wait until the send is done; fail on the deadline or ``STALL_S`` without progress."""
+        start = last_change = time.monotonic()
+        last: object = None
+        while True:
+            status, counts = self.counts()
+            if status == "done":
+                self.notes.append(f"done {time.monotonic() - start:.0f} s after the wait began")
+                return
+            now = time.monotonic()
+            progress = (status, counts, self.received())
+            if progress != last:
+                last, last_change = progress, now
+            if now - last_change > STALL_S:
+                raise AssertionError(self.report(f"stuck: no progress for {STALL_S:g} s"))
+            if now - start > timeout:
+                raise AssertionError(self.report(f"not done within {timeout:g} s"))
+            time.sleep(0.5)
+
+    def report(self, what: str) -> str:
+        status, counts = self.counts() if self.send_id else ("not created", {})
+        received = Counter(m.rcpt_tos[0] for m in self.handler.messages)
+        twice = sum(1 for n in received.values() if n > 1)
+        lines = [
+            f"{what}: send {self.send_id} is {status}; ledger {counts}; the server received "
+            f"{sum(received.values())} messages for {len(received)} of {READERS} readers "
+            f"({twice} mailed more than once); " + "; ".join(self.notes),
+        ]
+        for log in self.logs:
+            errors, warnings = _trouble(log)
+            lines.append(f"--- {log.name}: {len(errors)} errors, the last 10 ---")
+            lines += errors[-10:]
+            lines.append(f"--- {log.name}: {len(warnings)} warnings, the last 10 ---")
+            lines += warnings[-10:]
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Every reader mailed exactly once, and the ledger says so: the send is done."""
+        status, counts = self.counts()
+        received = Counter(m.rcpt_tos[0] for m in self.handler.messages)
+        with db.session(self.engine) as session:
+            states = dict(
+                session.execute(
+                    select(SubscriberRow.email_key, DeliveryRow.state)
+                    .join(SubscriberRow, SubscriberRow.id == DeliveryRow.subscriber_id)
+                    .where(DeliveryRow.send_id == self.send_id)
+                ).all()
+            )
+        sent = {a for a, s in states.items() if s == "sent"}
+        twice = sorted(a for a, n in received.items() if n > 1)
+        never = set(self.addresses) - set(received)
+        assert status == "done", self.report(f"the send is {status}")
+        assert counts == {"sent": READERS}, self.report("not every ledger row is sent")
+        assert not twice, self.report(f"{len(twice)} readers mailed twice, e.g. {twice[:3]}")
+        assert not never, self.report(f"{len(never)} readers never mailed")
+        assert sent == set(received), self.report("the ledger's sent rows are not the received")
+        print("; ".join(self.notes))  # shown by pytest -rA: when the fault came, how long
+
+
+@contextlib.contextmanager
+def rig(
+    engine: Engine, db_url: str, tmp_path: Path, delay: float, **settings: str
+) -> Iterator[Rig]:
+    """The readers, a post, a broker, an SMTP server answering each message after ``delay``
+    seconds; every process the block starts is killed when it ends, whatever happens."""
+    addresses = add_readers(engine, READERS, domains=DOMAINS)
+    (tmp_path / "post.md").write_text(POST)
+    handler = Outage(delay)
+    with (
+        RedisServer(tmp_path / "redis") as broker,
+        serve(handler) as server,
+        Processes() as processes,
+    ):
+        env = environment(db_url, broker.url, server.port, **(SETTINGS | settings))
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        yield Rig(engine, db_url, tmp_path, processes, broker, server, handler, env, addresses)
+
+
+def _trouble(log: Path) -> tuple[list[str], list[str]]:
+    """A worker log's error lines (tracebacks' last lines too) and its warning lines."""
+    if not log.exists():
+        return [], []
+    lines = log.read_text(errors="replace").splitlines()
+    error = re.compile(r"ERROR|CRITICAL|^\w+(\.\w+)*(Error|Exception): ")
+    return (
+        [line for line in lines if error.search(line)],
+        [line for line in lines if "WARNING" in line],
+    )
+
+
+@pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
+def test_smtp_server_down_20s(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """1. The SMTP server stops listening (open connections dropped) for 20 s, then is back."""
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.send()
+        r.mid_send()
+        r.server.down()
+        time.sleep(20)
+        r.server.up()
+        r.wait_done()
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_smtp_421_to_everything_30s(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """2. For 30 s every SMTP command (EHLO, MAIL, RCPT, DATA, ...) gets 421 and a hang-up."""
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.send()
+        r.mid_send()
+        r.handler.refuse_all(30)
+        time.sleep(30)
+        assert r.handler.refused > 0, "no command was refused: the fault proved nothing"
+        r.notes.append(f"{r.handler.refused} commands refused")
+        r.wait_done()
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
+def test_connection_closed_mid_data(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """3. For 15 s every other message is cut off mid-DATA: 354, a few lines, then hang-up."""
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.send()
+        r.mid_send()
+        r.handler.cut_data(15, every=2)
+        time.sleep(15)
+        assert r.handler.cut > 0, "no message was cut off: the fault proved nothing"
+        r.notes.append(f"{r.handler.cut} messages cut off mid-DATA")
+        r.wait_done()
+        r.check()
+
+
+def test_broker_redis_restarted_empty(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """4. The broker's Redis (no persistence: its queued tasks are lost) is down for 20 s.
+
+    Runs beat, as a deployment does: the worker lives on, so no start-up reconcile helps, and
+    only a periodic reconcile can re-enqueue the batches whose task messages went down with
+    Redis (beat's, every 30 s, in the original design; each worker's own timer since main's
+    50a0166). On both backends: this was the worst of the reported outages.
+    """
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.beat()
+        r.send()
+        r.mid_send()
+        r.broker.stop()
+        time.sleep(20)
+        r.broker.start()
+        r.wait_done(timeout=120)
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
+def test_postgres_backends_terminated(
+    engine: Engine, db_url: str, pg_admin: Engine, tmp_path: Path
+) -> None:
+    """5. Every connection to the send's database is terminated, three times, 2 s apart."""
+    name = make_url(db_url).database
+    terminate = text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = :name AND pid <> pg_backend_pid()"
+    )
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.send()
+        r.mid_send()
+        for _ in range(3):
+            with pg_admin.connect() as conn:
+                terminated = conn.scalar(terminate, {"name": name})
+            r.notes.append(f"{terminated} backends terminated at {r.received()} messages")
+            time.sleep(2)
+        r.wait_done()
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_write_lock_held_8s(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """6. Another process holds SQLite's write lock for 8 s (the busy timeout is 5 s)."""
+    path = make_url(db_url).database
+    hold = (
+        "import sqlite3, sys, time\n"
+        "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "conn.execute('BEGIN IMMEDIATE')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(8)\n"
+        "conn.execute('COMMIT')\n"
+    )
+    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+        r.worker()
+        r.send()
+        r.mid_send()
+        log = tmp_path / "lock.log"
+        locker = r.processes.start([sys.executable, "-c", hold, str(path)], dict(os.environ), log)
+        wait_until(lambda: "locked" in log.read_text(), timeout=10)
+        assert locker.wait(timeout=20) == 0, log.read_text()
+        r.notes.append(f"lock released at {r.received()} messages")
+        r.wait_done()
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_two_workers_on_sqlite(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """7. Two worker processes (each with its default pool) share one SQLite database."""
+    with rig(engine, db_url, tmp_path, delay=0.05) as r:
+        r.worker("first")
+        r.worker("second")
+        r.send()
+        r.mid_send()
+        r.wait_done()
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
+def test_sigterm_then_sigkill_then_new_worker(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """8. ``docker stop``: SIGTERM to the worker, SIGKILL to its group 10 s later if it still
+    runs; a new worker finishes the send. Nothing may be left ``unknown``.
+
+    Batches of 500 at 0.6 s a message over 16 connections take ~19 s: the SIGTERM comes with
+    more than 10 s of each running batch left, so waiting for the batch to end is too late.
+    """
+    with rig(engine, db_url, tmp_path, delay=0.6, MAILER_BATCH_SIZE="500") as r:
+        worker = r.worker("first")
+        r.send()
+        r.mid_send(200)
+        os.kill(worker.pid, signal.SIGTERM)
+        sent_at = time.monotonic()
+        try:
+            worker.wait(timeout=10)
+            exited_after: float | None = time.monotonic() - sent_at
+            r.notes.append(f"the worker exited {exited_after:.1f} s after SIGTERM")
+        except subprocess.TimeoutExpired:
+            exited_after = None
+            kill(worker)
+            r.notes.append("the worker still ran 10 s after SIGTERM: SIGKILLed")
+        r.worker("second")
+        r.wait_done()
+        r.check()
+        assert exited_after is not None, r.report("the worker ignored SIGTERM for 10 s")
