@@ -422,3 +422,22 @@ def test_memory_buffer_keeps_entries_until_acknowledged() -> None:
     assert buffer.read("b", 10, claim_idle=0) == first  # a dead holder's entries are claimed
     buffer.ack([first[0].key])
     assert buffer.read("b", 10, claim_idle=0) == []
+
+
+def test_health_and_readiness_name_what_does_not_answer(world: World) -> None:
+    with running(make_app(world.engine, RedisBuffer(REDIS_URL))) as client:
+        assert (client.get("/healthz").status_code, client.get("/healthz").text) == (200, "ok")
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "checks": {"database": "ok", "redis": "ok"}}
+
+    unreachable = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x")
+    no_redis = RedisBuffer(f"redis://127.0.0.1:{closed_port()}/0")
+    with running(make_app(unreachable, no_redis, flush_interval=None)) as client:
+        assert client.get("/healthz").status_code == 200  # alive, though not ready
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        checks = ready.json()["checks"]
+        assert "Connection refused" in checks["database"]
+        assert "Connection refused" in checks["redis"]
+    unreachable.dispose()

@@ -3,7 +3,8 @@
 Run as a task, starting a send would wait in the queue behind every batch being delivered (an
 hour behind a rate-limited send). Here it never waits for a worker: every ``TICK_S`` the beat
 process moves the due sends to ``sending`` and enqueues their batches. Two beats are safe: each
-start is a compare-and-set, and the one that loses logs one INFO line.
+start is a compare-and-set, and the one that loses logs one INFO line. Each run is recorded in
+Redis (``mailer.heartbeat``), for ``mailer doctor``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import logging
 import threading
 import time
 
+import redis
 from sqlalchemy import Engine
 
-from mailer import db, sends
+from mailer import db, heartbeat, sends
 from mailer.config import load_settings
 from worker.tasks import enqueue
 
@@ -40,11 +42,14 @@ def start() -> threading.Thread:
     engine = db.connect(settings.database_url)
     grace = dt.timedelta(seconds=settings.schedule_grace)
 
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+
     def run() -> None:
         while True:
             try:
                 tick(engine, grace)
-            except Exception as exc:  # the database is away: the next tick tries again
+                heartbeat.record(client, time.time())
+            except Exception as exc:  # the database or Redis is away: the next tick tries again
                 log.warning("could not start due sends: %s", exc)
             time.sleep(TICK_S)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mailer.cli import db, posts, preview, segments, sends, stats, subscribers, tracker
+from mailer.cli import db, doctor, posts, preview, segments, sends, stats, subscribers, tracker
 from mailer.cli.common import remember_invocation
 from mailer.errors import MailerError
 
@@ -33,6 +33,7 @@ app.command()(sends.send)
 app.add_typer(sends.app)
 app.command()(stats.stats)
 app.add_typer(tracker.app)
+app.command()(doctor.doctor)
 
 
 def main() -> None:

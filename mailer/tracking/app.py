@@ -26,7 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -324,6 +330,8 @@ def create_app(
     """
     tracker = Tracker(engine, signer, site_url, buffer, trust_proxy=trust_proxy)
     routes = [
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/readyz", _readiness(engine, buffer), methods=["GET"]),
         Route("/c/{token}", tracker.click, methods=["GET"]),
         Route("/u/{token}", tracker.confirm, methods=["GET"]),
         Route("/u/{token}", tracker.unsubscribe, methods=["POST"]),
@@ -346,6 +354,45 @@ def create_app(
                 await flusher  # ...for the flusher's last round to write
 
     return _PixelFirst(tracker, Starlette(routes=routes, lifespan=lifespan))
+
+
+async def _healthz(request: Request) -> Response:
+    """Alive: this process answers."""
+    return PlainTextResponse("ok", headers=NO_STORE)
+
+
+def _readiness(engine: Engine, buffer: Buffer) -> Callable[[Request], Awaitable[Response]]:
+    """Ready: the database and the event buffer (Redis) answer; 503 names what did not."""
+
+    def check() -> dict[str, str]:
+        found: dict[str, str] = {}
+        try:
+            with engine.connect() as conn:
+                conn.execute(select(1))
+            found["database"] = "ok"
+        except SQLAlchemyError as exc:
+            found["database"] = _first_line(exc)
+        try:
+            buffer.backlog()
+            found["redis"] = "ok"
+        except MailerError as exc:
+            found["redis"] = _first_line(exc)
+        return found
+
+    async def readyz(request: Request) -> Response:
+        found = await run_in_threadpool(check)
+        ready = all(state == "ok" for state in found.values())
+        return JSONResponse(
+            {"ready": ready, "checks": found}, status_code=200 if ready else 503, headers=NO_STORE
+        )
+
+    return readyz
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _webhook(handle: StripeWebhook) -> Callable[[Request], Awaitable[Response]]:

@@ -142,6 +142,10 @@ class Buffer(Protocol):
     def retire(self, consumer: str) -> None:
         """Forget ``consumer`` if it holds no pending entries."""
 
+    def backlog(self) -> int:
+        """Entries waiting to be written (each holds up to ``ENTRY_EVENTS`` events). Raises
+        ``BrokerError``."""
+
 
 class RedisBuffer:
     """A Redis stream and its consumer group; one per process (it holds two clients)."""
@@ -257,6 +261,12 @@ class RedisBuffer:
         except redis.RedisError as exc:
             raise BrokerError(f"cannot acknowledge tracking events: {exc}") from exc
 
+    def backlog(self) -> int:
+        try:
+            return int(self._client.xlen(self.stream))
+        except redis.RedisError as exc:
+            raise BrokerError(f"cannot read the tracking backlog: {exc}") from exc
+
     def retire(self, consumer: str) -> None:
         try:
             consumers = self._client.xinfo_consumers(self.stream, self.group)
@@ -332,6 +342,11 @@ class MemoryBuffer:
 
     def retire(self, consumer: str) -> None:
         return None
+
+    def backlog(self) -> int:
+        with self._lock:
+            self._seal()
+            return len(self._entries)
 
 
 def in_memory(broker_url: str) -> bool:
