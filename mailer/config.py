@@ -56,6 +56,7 @@ class Settings:
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
     schedule_grace: float  # seconds late a scheduled send may still start; later it is missed
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
+    metrics_token: str  # empty: the tracker's /metrics answers anyone
     attribution_days: int
     tracker_flush_interval: float  # seconds between writes of buffered tracking events
     tracker_trust_proxy: bool  # take the client address from X-Forwarded-For
@@ -369,6 +370,13 @@ FIELDS: tuple[Field, ...] = (
         "Stripe webhook signing secret (whsec_...); empty: webhooks are refused",
     ),
     Field(
+        "MAILER_METRICS_TOKEN",
+        "metrics_token",
+        _optional_secret,
+        "",
+        "Bearer token the tracker's /metrics requires; empty: /metrics answers anyone",
+    ),
+    Field(
         "MAILER_ATTRIBUTION_DAYS",
         "attribution_days",
         _int_between(1, 365),
@@ -412,7 +420,7 @@ def load_settings(
             parsed[field.attr] = field.parse(raw)
         except ValueError as exc:
             # Never echo a secret back: keys and SMTP passwords end up in logs.
-            secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret")
+            secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret", "metrics_token")
             shown = "" if secret else f" (got {raw!r})"
             raise ConfigError(f"{field.env}: {exc}{shown}") from None
     return Settings(**parsed)

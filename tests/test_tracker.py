@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 import signal
 import subprocess
@@ -26,11 +27,12 @@ import pytest
 import redis
 import uvicorn
 from conftest import own_redis
+from prometheus_client.parser import text_string_to_metric_families
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
 from starlette.types import ASGIApp
 
-from mailer import db
+from mailer import db, heartbeat
 from mailer.db.models import (
     DeliveryRow,
     LinkRow,
@@ -42,6 +44,7 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.errors import DatabaseError
+from mailer.metrics import render
 from mailer.subscribers import manage
 from mailer.tracking.app import PIXEL, StripeWebhook, create_app
 from mailer.tracking.ingest import (
@@ -441,3 +444,30 @@ def test_health_and_readiness_name_what_does_not_answer(world: World) -> None:
         assert "Connection refused" in checks["database"]
         assert "Connection refused" in checks["redis"]
     unreachable.dispose()
+
+
+def test_metrics_parse_and_agree_with_the_ledger(world: World, clean_redis: redis.Redis) -> None:
+    buffer = RedisBuffer(REDIS_URL)
+    heartbeat.record(clean_redis, 1_800_000_000.5)
+    clean_redis.rpush("celery", "a task", "another")
+    metrics = functools.partial(render, world.engine, clean_redis, buffer)
+    app = make_app(world.engine, buffer, flush_interval=0.05, metrics=metrics, metrics_token="s3")
+    with running(app) as client:
+        client.get(f"/o/{world.token(Kind.OPEN, 'ann')}.gif", headers={"User-Agent": CHROME})
+        wait_until(lambda: len(world.events()) == 1)
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        answer = client.get("/metrics", headers={"Authorization": "Bearer s3"})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+    send = str(world.send_id)
+    assert samples[("mailer_send_messages", (("send_id", send), ("state", "sent")))] == 4
+    assert samples[("mailer_sends", (("status", "done"),))] == 1
+    assert samples[("mailer_queue_length", (("queue", "celery"),))] == 2
+    assert samples[("mailer_tracking_backlog", ())] == 0
+    assert samples[("mailer_tracker_events_total", (("kind", "open"),))] == 1
+    assert samples[("mailer_scheduler_last_run_timestamp_seconds", ())] == 1_800_000_000.5

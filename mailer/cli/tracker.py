@@ -10,6 +10,7 @@ import time
 from multiprocessing.synchronize import Event as EventType
 from typing import Annotated
 
+import redis
 import typer
 import uvicorn
 from sqlalchemy import Engine
@@ -19,7 +20,7 @@ from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
 from mailer.tracking.app import create_app
-from mailer.tracking.ingest import Flusher, flush_once, in_memory, open_buffer
+from mailer.tracking.ingest import Buffer, Flusher, flush_once, in_memory, open_buffer
 from mailer.tracking.tokens import Signer
 
 app = typer.Typer(name="tracker", help="The tracker: opens, clicks, unsubscribes, webhooks.")
@@ -101,16 +102,31 @@ def app_from_settings() -> ASGIApp:
     config = load_settings()
     database = db.connect(config.database_url)
     signer = Signer(config.secret_keys)
+    buffer = open_buffer(config.broker_url)
     return create_app(
         engine=database,
         signer=signer,
         site_url=config.site_url,
-        buffer=open_buffer(config.broker_url),
+        buffer=buffer,
         # A buffer in memory lives in this process, so its flusher must too; see serve().
         flush_interval=config.tracker_flush_interval if in_memory(config.broker_url) else None,
         stripe_webhook=functools.partial(_handle_stripe, config, database, signer),
         trust_proxy=config.tracker_trust_proxy,
+        metrics=functools.partial(_metrics, config, database, buffer),
+        metrics_token=config.metrics_token,
     )
+
+
+def _metrics(config: Settings, database: Engine, buffer: Buffer) -> bytes:
+    # Imported at the first scrape: the tracker serves pixels without loading prometheus-client.
+    from mailer.metrics import render
+
+    broker = None if in_memory(config.broker_url) else redis.Redis.from_url(config.broker_url)
+    try:
+        return render(database, broker, buffer)
+    finally:
+        if broker is not None:
+            broker.close()
 
 
 def _handle_stripe(

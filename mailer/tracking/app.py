@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import ipaddress
 import logging
 import time
@@ -21,6 +22,7 @@ from email.policy import HTTP
 from typing import Literal
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
+from redis import RedisError
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -61,6 +63,7 @@ PAGE_HEADERS = NO_STORE | {
     "X-Robots-Tag": "noindex",
 }
 ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 MAX_FORM_BYTES = 8192
 LINK_CACHE_SENDS = 256
 
@@ -318,6 +321,8 @@ def create_app(
     flush_interval: float | None = 1.0,
     stripe_webhook: StripeWebhook | None = None,
     trust_proxy: bool = False,
+    metrics: Callable[[], bytes] | None = None,
+    metrics_token: str = "",
 ) -> ASGIApp:
     """The tracker as an ASGI app.
 
@@ -326,7 +331,8 @@ def create_app(
     shutdown it stores what requests queued, and the flusher writes once more.
     ``stripe_webhook(payload, signature)`` answers ``POST /webhooks/stripe`` (in a thread);
     without it the route does not exist. ``trust_proxy``: take the client address from
-    X-Forwarded-For (its first address).
+    X-Forwarded-For (its first address). ``metrics()`` answers ``GET /metrics`` (in a thread),
+    to requests bearing ``metrics_token`` if it is set.
     """
     tracker = Tracker(engine, signer, site_url, buffer, trust_proxy=trust_proxy)
     routes = [
@@ -338,6 +344,8 @@ def create_app(
     ]
     if stripe_webhook is not None:
         routes.append(Route("/webhooks/stripe", _webhook(stripe_webhook), methods=["POST"]))
+    if metrics is not None:
+        routes.append(Route("/metrics", _metrics(metrics, metrics_token), methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -387,6 +395,22 @@ def _readiness(engine: Engine, buffer: Buffer) -> Callable[[Request], Awaitable[
         )
 
     return readyz
+
+
+def _metrics(render: Callable[[], bytes], token: str) -> Callable[[Request], Awaitable[Response]]:
+    expected = f"Bearer {token}".encode()
+
+    async def metrics(request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if token and not hmac.compare_digest(given, expected):
+            return PlainTextResponse("a bearer token is required", status_code=401)
+        try:
+            body = await run_in_threadpool(render)
+        except (MailerError, SQLAlchemyError, RedisError) as exc:
+            return PlainTextResponse(f"metrics unavailable: {_first_line(exc)}", status_code=503)
+        return Response(body, media_type=PROMETHEUS_TEXT, headers=NO_STORE)
+
+    return metrics
 
 
 def _first_line(exc: BaseException) -> str:

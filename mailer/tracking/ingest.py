@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast, get_args
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STREAM = "mailer:tracking"
 GROUP = "flushers"
+TALLY_SUFFIX = ":written"  # a hash beside the stream: events written, by kind
 ENTRY_EVENTS = 500  # at most this many events per stream entry
 BATCH_ENTRIES = 20  # stream entries per database transaction
 CLAIM_IDLE = 60.0  # seconds an entry may stay pending with one flusher before another takes it
@@ -145,6 +147,12 @@ class Buffer(Protocol):
     def backlog(self) -> int:
         """Entries waiting to be written (each holds up to ``ENTRY_EVENTS`` events). Raises
         ``BrokerError``."""
+
+    def tally(self, by_kind: Mapping[str, int]) -> None:
+        """Add written events, by kind, to the counts every tracker process shares."""
+
+    def tallies(self) -> dict[str, int]:
+        """Events written so far, by kind. Raises ``BrokerError``."""
 
 
 class RedisBuffer:
@@ -267,6 +275,22 @@ class RedisBuffer:
         except redis.RedisError as exc:
             raise BrokerError(f"cannot read the tracking backlog: {exc}") from exc
 
+    def tally(self, by_kind: Mapping[str, int]) -> None:
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for kind, count in by_kind.items():
+                    pipe.hincrby(self.stream + TALLY_SUFFIX, kind, count)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise BrokerError(f"cannot count tracking events: {exc}") from exc
+
+    def tallies(self) -> dict[str, int]:
+        try:
+            found = self._client.hgetall(self.stream + TALLY_SUFFIX)
+        except redis.RedisError as exc:
+            raise BrokerError(f"cannot read tracking counts: {exc}") from exc
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in found.items()}
+
     def retire(self, consumer: str) -> None:
         try:
             consumers = self._client.xinfo_consumers(self.stream, self.group)
@@ -301,6 +325,7 @@ class MemoryBuffer:
         self._fresh: list[Event] = []  # put since the last read: they become entries then
         self._entries: dict[str, tuple[Event, ...]] = {}
         self._taken: dict[str, tuple[str, float]] = {}  # key → (consumer, when read)
+        self._tallies: Counter[str] = Counter()
 
     def put(self, event: Event) -> None:
         with self._lock:
@@ -348,6 +373,14 @@ class MemoryBuffer:
             self._seal()
             return len(self._entries)
 
+    def tally(self, by_kind: Mapping[str, int]) -> None:
+        with self._lock:
+            self._tallies.update(by_kind)
+
+    def tallies(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._tallies)
+
 
 def in_memory(broker_url: str) -> bool:
     """Whether ``open_buffer`` keeps events in the process (``memory://``: no Redis)."""
@@ -392,6 +425,8 @@ class Flusher:
             batch = self.buffer.read(self.consumer, self.batch_size, self.claim_idle)
             written += self.write(batch) if batch else 0
             self.buffer.ack([entry.key for entry in batch])
+            if batch:  # counted once acknowledged: a batch written twice counts once
+                self.buffer.tally(Counter(e.kind for entry in batch for e in entry.events))
             # A short batch means it caught up: under steady traffic it would never be empty.
             if len(batch) < self.batch_size:
                 return written
