@@ -57,6 +57,7 @@ class Settings:
     schedule_grace: float  # seconds late a scheduled send may still start; later it is missed
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
     metrics_token: str  # empty: the tracker's /metrics answers anyone
+    log_format: str  # "text" or "json": how the worker, beat and the tracker write log lines
     attribution_days: int
     tracker_flush_interval: float  # seconds between writes of buffered tracking events
     tracker_trust_proxy: bool  # take the client address from X-Forwarded-For
@@ -152,6 +153,13 @@ def _bool(value: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _log_format(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
 
 
 def _optional_secret(value: str) -> str:
@@ -375,6 +383,13 @@ FIELDS: tuple[Field, ...] = (
         _optional_secret,
         "",
         "Bearer token the tracker's /metrics requires; empty: /metrics answers anyone",
+    ),
+    Field(
+        "MAILER_LOG_FORMAT",
+        "log_format",
+        _log_format,
+        "text",
+        "Log lines of the worker, beat and tracker: text, or json (one object per line)",
     ),
     Field(
         "MAILER_ATTRIBUTION_DAYS",

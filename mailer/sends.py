@@ -235,7 +235,7 @@ def retry_unknown(session: Session, send_id: int) -> tuple[int, list[int]]:
 def fail(session: Session, send_id: int, error: str) -> None:
     """A configuration problem stops the send; fix it and ``resume``."""
     if _try_status(session, send_id, "sending", "failed", error=error):
-        log.warning("%s failed: %s", _named(session, send_id), error)
+        log.warning("%s failed: %s", _named(session, send_id), error, extra={"send_id": send_id})
 
 
 def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: str) -> bool:
@@ -253,7 +253,7 @@ def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: st
     )
     if _rowcount(failed) != 1:
         return False
-    log.warning("%s failed: %s", _named(session, send_id), error)
+    log.warning("%s failed: %s", _named(session, send_id), error, extra={"send_id": send_id})
     return True
 
 
@@ -269,7 +269,7 @@ def finish_if_done(session: Session, send_id: int) -> bool:
     if _try_status(session, send_id, "sending", "done", finished_at=utcnow()):
         counts = show(session, send_id).counts
         shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-        log.info("%s done: %s", _named(session, send_id), shown)
+        log.info("%s done: %s", _named(session, send_id), shown, extra={"send_id": send_id})
     return True
 
 
@@ -321,15 +321,27 @@ def start_due(session: Session, *, grace: dt.timedelta) -> dict[int, list[int]]:
                     slug,
                     _span(late),
                     _span(grace),
+                    extra={"send_id": send_id},
                 )
             continue
         if not _try_status(session, send_id, "scheduled", "sending", started_at=now):
-            log.info("send %s (%s) was started by another scheduler", send_id, slug)
+            log.info(
+                "send %s (%s) was started by another scheduler",
+                send_id,
+                slug,
+                extra={"send_id": send_id},
+            )
             continue
         if late > LATE_AFTER:
-            log.warning("send %s (%s) started %s late", send_id, slug, _span(late))
+            log.warning(
+                "send %s (%s) started %s late",
+                send_id,
+                slug,
+                _span(late),
+                extra={"send_id": send_id},
+            )
         else:
-            log.info("send %s (%s) started", send_id, slug)
+            log.info("send %s (%s) started", send_id, slug, extra={"send_id": send_id})
         started[send_id] = unfinished_batches(session, send_id)
     return started
 

@@ -5,12 +5,14 @@ Start a worker with ``celery -A worker.app worker -E``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Celery
-from celery.signals import beat_init
+from celery import Celery, current_task
+from celery.signals import after_setup_logger, after_setup_task_logger, beat_init
 
 from mailer.config import load_settings
+from mailer.logs import JsonFormatter
 
 BATCH_TIMEOUT_S = 4 * 3600
 
@@ -45,6 +47,26 @@ app.conf.update(
     # Every worker runs the reconciler itself (worker.tasks.Reconciler); beat runs the clock
     # that starts scheduled sends in its own process (worker.clock), so it has no schedule.
 )
+
+
+@after_setup_logger.connect  # type: ignore[untyped-decorator]
+@after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    if load_settings().log_format != "json":
+        return
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(_name_the_batch)
+
+
+def _name_the_batch(record: logging.LogRecord) -> bool:
+    """Celery's own lines about a batch task (received, succeeded...) carry its send."""
+    task = current_task
+    if task and task.name == "mailer.deliver_batch" and not hasattr(record, "send_id"):
+        args = list(task.request.args or ())
+        if len(args) == 2:
+            record.send_id, record.batch_no = args[0], args[1]
+    return True
 
 
 @beat_init.connect  # type: ignore[untyped-decorator]

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
+from mailer.logs import uvicorn_config
 from mailer.tracking.app import create_app
 from mailer.tracking.ingest import Buffer, Flusher, flush_once, in_memory, open_buffer
 from mailer.tracking.tokens import Signer
@@ -60,6 +61,7 @@ def serve(
             server_header=False,
             access_log=False,  # one line per pixel would cost more than serving it
             timeout_graceful_shutdown=20,  # then the flusher writes the buffer (compose: 30 s)
+            log_config=uvicorn_config(config.log_format) or uvicorn.config.LOGGING_CONFIG,
         )
     finally:
         if flusher is not None:

@@ -118,18 +118,29 @@ class Runtime:
         try:
             return self._settle(send_id, batch_no, result)
         except (MailerError, DBAPIError) as exc:
-            log.warning("send %s: could not settle batch %s: %s", send_id, batch_no, exc)
+            log.warning(
+                "send %s: could not settle batch %s: %s",
+                send_id,
+                batch_no,
+                exc,
+                extra={"send_id": send_id, "batch_no": batch_no},
+            )
             return BatchResult("interrupted", error=str(exc))
 
     def _settle(self, send_id: int, batch_no: int, result: BatchResult) -> BatchResult:
         """Record what the batch's outcome means for its send."""
+        where = {"send_id": send_id, "batch_no": batch_no}
         if result.outcome == "taken_over":
-            log.warning("batch %s of send %s was taken over by another run", batch_no, send_id)
+            log.warning(
+                "batch %s of send %s was taken over by another run", batch_no, send_id, extra=where
+            )
         if result.outcome == "misconfigured":
             with db.session(self.engine) as session:
                 sends.fail(session, send_id, result.error or "configuration error")
         elif result.outcome == "interrupted":
-            log.warning("batch %s of send %s interrupted: %s", batch_no, send_id, result.error)
+            log.warning(
+                "batch %s of send %s interrupted: %s", batch_no, send_id, result.error, extra=where
+            )
             with db.session(self.engine) as session:
                 if sends.give_up_if_too_old(
                     session, send_id, self.policy.retry_max_age, result.error or "interrupted"
