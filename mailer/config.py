@@ -14,6 +14,7 @@ from email.utils import formataddr, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
@@ -55,6 +56,7 @@ class Settings:
     batch_size: int
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
     schedule_grace: float  # seconds late a scheduled send may still start; later it is missed
+    timezone: str  # an IANA zone: `--at` times without an offset are read in it
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
     metrics_token: str  # empty: the tracker's /metrics answers anyone
     log_format: str  # "text" or "json": how the worker, beat and the tracker write log lines
@@ -153,6 +155,14 @@ def _bool(value: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not a known IANA time zone, such as UTC or Europe/Paris") from None
+    return value.strip()
 
 
 def _log_format(value: str) -> str:
@@ -369,6 +379,13 @@ FIELDS: tuple[Field, ...] = (
         _duration,
         "1h",
         "A scheduled send found later than this after its time is marked missed, not started",
+    ),
+    Field(
+        "MAILER_TIMEZONE",
+        "timezone",
+        _timezone,
+        "UTC",
+        "IANA time zone (e.g. Europe/Paris) of `mailer send --at` times given without an offset",
     ),
     Field(
         "MAILER_STRIPE_WEBHOOK_SECRET",

@@ -187,8 +187,19 @@ def create(
 
 
 def start(session: Session, send_id: int) -> list[int]:
-    """Move a scheduled (or paused, or failed) send to ``sending``; the batches to enqueue."""
-    _transition(session, send_id, ("scheduled", "paused", "failed"), "sending")
+    """Send a scheduled (or missed) send now: ``sending``; the batches to enqueue."""
+    return _to_sending(session, send_id, ("scheduled", "missed"), finished_at=None)
+
+
+def resume(session: Session, send_id: int) -> list[int]:
+    """Carry on a paused (or failed) send: ``sending``; the batches to enqueue."""
+    return _to_sending(session, send_id, ("paused", "failed"))
+
+
+def _to_sending(
+    session: Session, send_id: int, allowed: tuple[SendStatus, ...], **values: object
+) -> list[int]:
+    _transition(session, send_id, allowed, "sending", **values)
     session.execute(
         update(SendRow)
         .where(SendRow.id == send_id, SendRow.started_at.is_(None))
@@ -197,13 +208,20 @@ def start(session: Session, send_id: int) -> list[int]:
     return unfinished_batches(session, send_id)
 
 
+def reschedule(session: Session, send_id: int, at: dt.datetime) -> None:
+    """Move a send that has not started (scheduled, or missed) to ``at``."""
+    _transition(session, send_id, ("scheduled", "missed"), "scheduled", scheduled_at=at)
+    session.execute(update(SendRow).where(SendRow.id == send_id).values(finished_at=None))
+
+
 def pause(session: Session, send_id: int) -> None:
     _transition(session, send_id, ("sending",), "paused")
 
 
 def cancel(session: Session, send_id: int) -> None:
     """Stop for good: readers not yet mailed are marked ``skipped``."""
-    _transition(session, send_id, ("scheduled", "sending", "paused", "failed"), "cancelled")
+    allowed: tuple[SendStatus, ...] = ("scheduled", "missed", "sending", "paused", "failed")
+    _transition(session, send_id, allowed, "cancelled")
     session.execute(
         update(DeliveryRow)
         .where(DeliveryRow.send_id == send_id, moved("cancelled"))
@@ -447,14 +465,18 @@ def list_sends(session: Session, limit: int = 50) -> list[SendInfo]:
 
 
 def _transition(
-    session: Session, send_id: int, allowed: tuple[SendStatus, ...], new: SendStatus
+    session: Session,
+    send_id: int,
+    allowed: tuple[SendStatus, ...],
+    new: SendStatus,
+    **values: object,
 ) -> None:
     current = status(session, send_id)
     if current not in allowed:
         raise InputError(
             f"send {send_id} is {current}; it can become {new} only when " + " or ".join(allowed)
         )
-    _set_status(session, send_id, current, new)
+    _set_status(session, send_id, current, new, **values)
 
 
 def _set_status(

@@ -301,7 +301,7 @@ def test_pause_then_resume_sends_nothing_twice(setup: Setup) -> None:
         assert (stopped.outcome, stopped.send_status, stopped.sent) == ("stopped", "paused", 0)
         assert setup.info(send_id).counts["queued"] == len(setup.readers) - 7
         with db.session(setup.engine) as session:
-            sends.start(session, send_id)
+            sends.resume(session, send_id)
         run_inline(runtime, send_id)
         runtime.close()
         received = by_recipient(server.handler.messages)
@@ -338,7 +338,7 @@ def test_a_pause_between_claim_and_status_read_strands_nobody(setup: Setup) -> N
         assert setup.info(send_id).counts["sending"] == 0
         assert len(server.handler.messages) == result.sent > 0  # the claimed ones went out
         with db.session(setup.engine) as session:
-            sends.start(session, send_id)
+            sends.resume(session, send_id)
         run_inline(runtime, send_id)
         runtime.close()
         received = by_recipient(server.handler.messages)
@@ -358,7 +358,7 @@ def test_a_pause_mid_batch_strands_nobody(setup: Setup) -> None:
         running.join(timeout=30)
         assert setup.info(send_id).counts["sending"] == 0
         with db.session(setup.engine) as session:
-            sends.start(session, send_id)
+            sends.resume(session, send_id)
         run_inline(runtime, send_id)
         runtime.close()
         received = by_recipient(server.handler.messages)

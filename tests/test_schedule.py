@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from smtp_servers import Slow, serve, wait_until
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from workers import (
+    BIN,
     Processes,
     RedisServer,
     add_readers,
     environment,
+    free_port,
     run_mailer,
     start_beat,
     start_worker,
@@ -23,9 +27,11 @@ from workers import (
 from mailer import db, sends
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
-from mailer.db.models import SubscriberRow, utcnow
+from mailer.db.models import SendRow, SubscriberRow, utcnow
 from mailer.db.posts_repo import save_post
+from mailer.errors import InputError
 from mailer.posts import parse_post_text
+from mailer.when import parse_time
 
 GRACE = dt.timedelta(hours=1)
 
@@ -142,3 +148,94 @@ def test_a_send_due_while_the_worker_is_busy_starts_on_time_once_with_two_beats(
     engine.dispose()
     lines = "".join((d / "beat.log").read_text() for d in beats)
     assert lines.count(f"send {due} (due) started") == 1, lines
+
+
+NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("in 10m", NOW + dt.timedelta(minutes=10)),
+        ("in 1h30m", NOW + dt.timedelta(minutes=90)),
+        ("IN 2d", NOW + dt.timedelta(days=2)),
+        ("2026-12-01T09:00:00+01:00", dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.UTC)),
+        ("2026-12-01T09:00:00Z", dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)),
+        ("2026-12-01 09:00", dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.UTC)),  # Paris, winter
+        ("2027-07-01 09:00", dt.datetime(2027, 7, 1, 7, 0, tzinfo=dt.UTC)),  # Paris, summer
+    ],
+)
+def test_times_an_author_can_give(text: str, expected: dt.datetime) -> None:
+    assert parse_time(text, timezone="Europe/Paris", now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tomorrow", "is not a time"),
+        ("in ten minutes", "is not a time"),
+        ("2026-13-01 09:00", "is not a time"),
+        ("2026-11-30T11:00:00Z", "is in the past"),
+        ("in 0s", "is in the past"),
+    ],
+)
+def test_times_that_are_refused(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        parse_time(text, timezone="UTC", now=NOW)
+
+
+def mailer_fails(env: dict[str, str], cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    return done.stderr
+
+
+def test_schedule_reschedule_miss_start_and_cancel_from_the_cli(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'mailer.db'}"
+    db.upgrade(db_url)
+    engine = db.connect(db_url)
+    add_readers(engine, 3)
+    (tmp_path / "post.md").write_text("---\ntitle: Later\n---\n\nHello.\n")
+    with serve() as smtp:
+        no_broker = f"redis://127.0.0.1:{free_port()}/0"  # delivered in the command itself
+        env = environment(db_url, no_broker, smtp.settings().port)
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        send = ["send", "later", "--segment", "all", "--yes"]
+
+        assert "--at: 'at noon' is not a time" in mailer_fails(
+            env, tmp_path, *send, "--at", "at noon"
+        )
+        assert "is in the past" in mailer_fails(env, tmp_path, *send, "--at", "2020-01-01T00:00Z")
+        with db.session(engine) as session:
+            assert sends.list_sends(session) == []  # nothing half-made
+
+        first = int(run_mailer(env, tmp_path, *send, "--at", "in 1h"))
+        shown = run_mailer(env, tmp_path, "sends", "show", str(first))
+        assert "— scheduled" in shown and "scheduled " in shown
+        assert f"{first}  scheduled  for " in run_mailer(env, tmp_path, "sends", "list")
+        assert "only when paused or failed" in mailer_fails(
+            env, tmp_path, "sends", "resume", str(first)
+        )
+
+        run_mailer(env, tmp_path, "sends", "reschedule", str(first), "--at", "in 2h")
+        later = status(engine, first).scheduled_at
+        assert later is not None and later - utcnow() > dt.timedelta(minutes=110)
+
+        second = int(run_mailer(env, tmp_path, *send, "--at", "in 1h"))
+        with db.session(engine) as session:  # no beat ran for hours: both are missed
+            session.execute(update(SendRow).values(scheduled_at=utcnow() - dt.timedelta(hours=3)))
+        start_due(engine)
+        assert status(engine, first).status == status(engine, second).status == "missed"
+
+        run_mailer(env, tmp_path, "sends", "start", str(first), "--yes")
+        assert status(engine, first).status == "done" and len(smtp.handler.messages) == 3
+        run_mailer(env, tmp_path, "sends", "cancel", str(second))
+        info = status(engine, second)
+        assert info.status == "cancelled" and info.counts["skipped"] == 3
+
+        third = run_mailer(env, tmp_path, *send, "--at", "in 2s", "--wait", "--json")
+        assert json.loads(third)["status"] == "done" and len(smtp.handler.messages) == 6
+    engine.dispose()

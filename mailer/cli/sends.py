@@ -23,6 +23,7 @@ from mailer.delivery.smtp import SmtpPool, probe
 from mailer.errors import InputError
 from mailer.posts import Post
 from mailer.tracking.tokens import PREVIEW_SEND_ID, Signer
+from mailer.when import parse_time
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
 EXIT_FAILED_RECIPIENTS = 3
@@ -37,8 +38,11 @@ def send(
     yes: Annotated[bool, typer.Option("--yes", help="Send without asking.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done.")] = False,
     at: Annotated[
-        dt.datetime | None,
-        typer.Option(help="Schedule for this time (ISO 8601, UTC unless it says otherwise)."),
+        str | None,
+        typer.Option(
+            help="Schedule it: 'in 10m', 'in 2h', ISO 8601 with an offset, or a local time "
+            "(2026-12-01 09:00) in MAILER_TIMEZONE."
+        ),
     ] = None,
     test_to: Annotated[
         str | None,
@@ -55,7 +59,7 @@ def send(
         return
     if segment is None:
         raise InputError("--segment is required (use --segment all for every active reader)")
-    scheduled_at = _utc(at) if at is not None else None
+    scheduled_at = _when(at, config) if at is not None else None
     with db.session(engine()) as session:
         reach = sends.audience(session, segment)
     if reach.total == 0:
@@ -65,11 +69,7 @@ def send(
         f"({reach.free} get the free variant, {reach.paid} the paid one)"
         + (f", at {scheduled_at.isoformat()}" if scheduled_at else "")
     )
-    if not yes:
-        if not sys.stdin.isatty():
-            raise InputError("not sending without confirmation: pass --yes")
-        if not typer.confirm("Send it?", err=True):
-            raise typer.Exit(1)
+    _confirm("Send it?", yes)
     asyncio.run(probe(config.smtp, config.smtp_connect_timeout))
     composition = compose(post, Publication.from_settings(config))
     with db.session(engine()) as session:
@@ -85,7 +85,9 @@ def send(
     _err.print(f"send {send_id} created")
     if batches:
         _dispatch(config, send_id, batches, show_progress=wait or not as_json)
-    if wait and not scheduled_at:
+    if wait and scheduled_at:
+        _wait_for_its_time(config, send_id, scheduled_at)
+    if wait:
         _wait(send_id)
     with db.session(engine()) as session:
         info = sends.show(session, send_id)
@@ -97,11 +99,32 @@ def send(
         raise typer.Exit(EXIT_FAILED_RECIPIENTS)
 
 
-def _utc(at: dt.datetime) -> dt.datetime:
-    when = at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
-    if when < dt.datetime.now(dt.UTC):
-        raise InputError(f"--at {at.isoformat()} is in the past")
-    return when
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError("not sending without confirmation: pass --yes")
+    if not typer.confirm(question, err=True):
+        raise typer.Exit(1)
+
+
+def _when(at: str, config: Settings) -> dt.datetime:
+    try:
+        return parse_time(at, timezone=config.timezone, now=dt.datetime.now(dt.UTC))
+    except InputError as exc:
+        raise InputError(f"--at: {exc}") from None
+
+
+def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
+    """``--at`` with ``--wait``: beat starts it (with a broker); without one, this command."""
+    if _broker_answers(config.broker_url):
+        _err.print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
+        return
+    _err.print(f"send {send_id} is scheduled for {at.isoformat()}: waiting here to send it")
+    time.sleep(max((at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
+    with db.session(engine()) as session:
+        batches = sends.start(session, send_id)
+    _dispatch(config, send_id, batches, show_progress=True)
 
 
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
@@ -245,9 +268,25 @@ def list_(as_json: JsonFlag = False) -> None:
     for info in found:
         c = info.counts
         typer.echo(
-            f"{info.id:>5}  {info.status:<9}  {info.slug:<30}  {info.segment:<20}  "
-            f"sent {c['sent']}/{info.recipients}  failed {c['failed']}  unknown {c['unknown']}"
+            f"{info.id:>5}  {info.status:<9}  {_moment(info):<26}  {info.slug:<30}  "
+            f"{info.segment:<20}  sent {c['sent']}/{info.recipients}  failed {c['failed']}  "
+            f"unknown {c['unknown']}"
         )
+
+
+def _moment(info: sends.SendInfo) -> str:
+    """The time that matters for the send's status, for one column of ``sends list``."""
+    if info.status in ("scheduled", "missed") and info.scheduled_at:
+        return f"for {_shown(info.scheduled_at)}"
+    if info.finished_at:
+        return f"ended {_shown(info.finished_at)}"
+    if info.started_at:
+        return f"started {_shown(info.started_at)}"
+    return f"created {_shown(info.created_at)}"
+
+
+def _shown(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @app.command()
@@ -263,6 +302,13 @@ def show(
     typer.echo(f"send {info.id}: {info.title!r} to {info.segment!r} — {info.status}")
     if info.error:
         typer.echo(f"error: {info.error}")
+    for label, at in (
+        ("scheduled", info.scheduled_at),
+        ("started", info.started_at),
+        ("finished", info.finished_at),
+    ):
+        if at is not None:
+            typer.echo(f"  {label:<9} {_shown(at)}")
     for state, count in info.counts.items():
         typer.echo(f"  {state:<9} {count}")
     typer.echo(f"  free variant {info.by_variant['free']}, paid variant {info.by_variant['paid']}")
@@ -280,9 +326,43 @@ def pause(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
 def resume(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Carry on a paused (or failed) send from where it stopped."""
     with db.session(engine()) as session:
-        batches = sends.start(session, send_id)
+        batches = sends.resume(session, send_id)
     typer.echo(f"send {send_id} resumed")
     _dispatch(settings(), send_id, batches, show_progress=True)
+
+
+@app.command()
+def start(
+    send_id: Annotated[int, typer.Argument(help="Send id.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Start without asking.")] = False,
+) -> None:
+    """Send a scheduled or missed send now."""
+    with db.session(engine()) as session:
+        info = sends.show(session, send_id)
+    if info.status not in ("scheduled", "missed"):
+        raise InputError(f"send {send_id} is {info.status}; only a scheduled or missed send starts")
+    when = _shown(info.scheduled_at) if info.scheduled_at else "no time"
+    _err.print(
+        f"send {send_id}: {info.title!r} to {info.recipients} readers, {info.status}: {when}"
+    )
+    _confirm("Send it now?", yes)
+    with db.session(engine()) as session:
+        batches = sends.start(session, send_id)
+    typer.echo(f"send {send_id} started")
+    _dispatch(settings(), send_id, batches, show_progress=True)
+
+
+@app.command()
+def reschedule(
+    send_id: Annotated[int, typer.Argument(help="Send id.")],
+    at: Annotated[str, typer.Option(help="The new time: 'in 2h', ISO 8601, or a local time.")],
+) -> None:
+    """Move a send that has not started (scheduled, or missed) to another time."""
+    config = settings()
+    when = _when(at, config)
+    with db.session(engine()) as session:
+        sends.reschedule(session, send_id, when)
+    typer.echo(f"send {send_id} scheduled for {when.isoformat()}")
 
 
 @app.command()
