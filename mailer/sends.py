@@ -301,6 +301,15 @@ def _named(session: Session, send_id: int) -> str:
     return f"send {send_id} ({slug})"
 
 
+def slug_and_batch_count(session: Session, send_id: int) -> tuple[str, int]:
+    """The send's post's slug and how many batches the send has."""
+    _, slug, _ = with_post(session, send_id)
+    count = session.scalar(
+        select(func.count()).select_from(SendBatchRow).where(SendBatchRow.send_id == send_id)
+    )
+    return slug, count or 0
+
+
 def unfinished_batches(session: Session, send_id: int) -> list[int]:
     return list(
         session.scalars(

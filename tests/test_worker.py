@@ -129,17 +129,24 @@ def test_flower_sees_the_batch_tasks(
         api = f"http://127.0.0.1:{port}/api/tasks"
         wait_until(lambda: _get_json(api) is not None, timeout=30)
         run_mailer(env, tmp_path, "posts", "add", "post.md")
-        run_mailer(env, tmp_path, "send", "killed-mid-batch", "--segment", "all", "--yes")
+        send_id = run_mailer(
+            env, tmp_path, "send", "killed-mid-batch", "--segment", "all", "--yes"
+        ).strip()
+        done: list[dict[str, Any]] = []
 
         def batches_done() -> bool:
             tasks = (_get_json(api) or {}).values()
-            done = [t for t in tasks if (t["name"], t["state"]) == (BATCH_TASK, "SUCCESS")]
+            done[:] = [t for t in tasks if (t["name"], t["state"]) == (BATCH_TASK, "SUCCESS")]
             return len(done) == 3
 
         # Flower learns of tasks only from their events: this fails if events are off.
         wait_until(batches_done, timeout=30)
         processes.kill_all()
     assert len(server.handler.messages) == 6
+    # Each task names its send and which batch of how many it is.
+    assert sorted(t["args"] for t in done) == [
+        f"send {send_id} (killed-mid-batch), batch {n} of 3" for n in (1, 2, 3)
+    ]
 
 
 def _get_json(url: str) -> dict[str, Any] | None:

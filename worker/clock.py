@@ -32,7 +32,7 @@ def tick(engine: Engine, grace: dt.timedelta) -> int:
         started = sends.start_due(session, grace=grace)
     # Should this fail (the broker is away), the batches are orphans the reconciler enqueues.
     for send_id, batches in started.items():
-        enqueue(send_id, batches)
+        enqueue(engine, send_id, batches)
     return len(started)
 
 

@@ -10,11 +10,13 @@ a worker that is shutting down is enqueued again as new work.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from multiprocessing.sharedctypes import RawValue
 from typing import Any, ClassVar
 
 from celery import Task, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
+from sqlalchemy import Engine
 
 from mailer import db, sends
 from mailer.config import load_settings
@@ -74,11 +76,12 @@ def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
     """Deliver one batch; run it again when ``next_run`` says."""
     result = runtime().run_batch(send_id, batch_no)
     again = next_run(result, interruptions=self.request.retries)
+    shown = self.request.argsrepr  # the label enqueue gave it, kept by every next run
     if result.outcome == "interrupted":
-        raise self.retry(countdown=again)
+        raise self.retry(countdown=again, argsrepr=shown)
     if again is not None:
         # A new message, not self.retry(): this run succeeded; the next one is new work.
-        self.apply_async((send_id, batch_no), countdown=again)
+        self.apply_async((send_id, batch_no), countdown=again, argsrepr=shown)
     return {
         "outcome": result.outcome,
         "sent": result.sent,
@@ -105,8 +108,11 @@ def reconcile() -> int:
         stalled = sends.stalled_batches(session, orphans=orphans)
     if stalled:
         log.warning("reconciler: enqueuing %d batches that nothing would run", len(stalled))
+    by_send: dict[int, list[int]] = {}
     for send_id, batch_no in stalled:
-        deliver_batch.delay(send_id, batch_no)
+        by_send.setdefault(send_id, []).append(batch_no)
+    for send_id, batches in by_send.items():
+        enqueue(runtime().engine, send_id, batches)
     return len(stalled)
 
 
@@ -125,9 +131,14 @@ def _broker_holds_no_task() -> bool:
         return bool(queued == 0 and client.hlen(channel.unacked_key) == 0)
 
 
-def enqueue(send_id: int, batches: list[int]) -> None:
+def enqueue(engine: Engine, send_id: int, batches: Iterable[int]) -> None:
+    """One task per batch, each shown (in Flower, in logs) by its send's id and slug and by
+    which batch of how many it is, e.g. ``send 9 (the-quiet-harbour), batch 3 of 40``."""
+    with db.session(engine) as session:
+        slug, total = sends.slug_and_batch_count(session, send_id)
     for batch_no in batches:
-        deliver_batch.delay(send_id, batch_no)
+        label = f"send {send_id} ({slug}), batch {batch_no + 1} of {total}"
+        deliver_batch.apply_async((send_id, batch_no), argsrepr=label)
 
 
 class Reconciler(bootsteps.StartStopStep):  # type: ignore[misc]

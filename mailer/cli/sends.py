@@ -182,7 +182,7 @@ def _dispatch(config: Settings, send_id: int, batches: list[int], *, show_progre
         from worker.app import app as celery
         from worker.tasks import enqueue
 
-        enqueue(send_id, batches)
+        enqueue(engine(), send_id, batches)
         _err.print(f"{len(batches)} batches queued on {db.shown(config.broker_url)}")
         if not celery.control.ping(timeout=1.0):
             _err.print("[yellow]no worker answered: batches wait until one starts[/]")
