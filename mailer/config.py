@@ -63,6 +63,11 @@ class Settings:
     attribution_days: int
     tracker_flush_interval: float  # seconds between writes of buffered tracking events
     tracker_trust_proxy: bool  # take the client address from X-Forwarded-For
+    dkim_domain: str  # empty: messages go out unsigned
+    dkim_selector: str
+    dkim_key_file: str  # PEM, RSA 2048; read by delivery.dkim, not here
+    dkim_ed25519_key_file: str  # optional second signature (RFC 8463)
+    dkim_ed25519_selector: str  # empty: the RSA selector with "-ed25519" appended
 
     @property
     def from_email(self) -> str:
@@ -74,6 +79,12 @@ def _text(value: str) -> str:
         raise ValueError("must not be empty")
     if any(ch in value for ch in "\r\n\0"):
         raise ValueError("must not contain CR, LF or NUL")
+    return value.strip()
+
+
+def _optional_word(value: str) -> str:
+    if any(ch.isspace() for ch in value.strip()):
+        raise ValueError("must not contain whitespace")
     return value.strip()
 
 
@@ -429,6 +440,41 @@ FIELDS: tuple[Field, ...] = (
         "false",
         "Behind a reverse proxy: take the reader's address from X-Forwarded-For",
     ),
+    Field(
+        "MAILER_DKIM_DOMAIN",
+        "dkim_domain",
+        _optional_word,
+        "",
+        "Sign every message with DKIM as this domain (d=); empty: unsigned",
+    ),
+    Field(
+        "MAILER_DKIM_SELECTOR",
+        "dkim_selector",
+        _optional_word,
+        "",
+        "DKIM selector (s=): the record is SELECTOR._domainkey.DOMAIN",
+    ),
+    Field(
+        "MAILER_DKIM_KEY_FILE",
+        "dkim_key_file",
+        _optional_word,
+        "",
+        "PEM file of the RSA private key (2048 bits; `mailer dkim keygen` makes one)",
+    ),
+    Field(
+        "MAILER_DKIM_ED25519_KEY_FILE",
+        "dkim_ed25519_key_file",
+        _optional_word,
+        "",
+        "PEM file of an Ed25519 private key for a second signature (RFC 8463); optional",
+    ),
+    Field(
+        "MAILER_DKIM_ED25519_SELECTOR",
+        "dkim_ed25519_selector",
+        _optional_word,
+        "",
+        "Selector of the Ed25519 key (one key per selector); empty: SELECTOR-ed25519",
+    ),
 )
 
 
@@ -455,4 +501,22 @@ def load_settings(
             secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret", "metrics_token")
             shown = "" if secret else f" (got {raw!r})"
             raise ConfigError(f"{field.env}: {exc}{shown}") from None
-    return Settings(**parsed)
+    settings = Settings(**parsed)
+    _check_dkim(settings)
+    return settings
+
+
+def _check_dkim(settings: Settings) -> None:
+    """DKIM needs its domain, selector and key together, or none of them."""
+    given = {
+        "MAILER_DKIM_DOMAIN": settings.dkim_domain,
+        "MAILER_DKIM_SELECTOR": settings.dkim_selector,
+        "MAILER_DKIM_KEY_FILE": settings.dkim_key_file,
+    }
+    missing = [name for name, value in given.items() if not value]
+    if settings.dkim_ed25519_key_file and not settings.dkim_key_file:
+        raise ConfigError("MAILER_DKIM_ED25519_KEY_FILE: set MAILER_DKIM_KEY_FILE (RSA) too")
+    if missing and len(missing) < len(given):
+        raise ConfigError(
+            f"{missing[0]}: required with {', '.join(sorted(set(given) - set(missing)))}"
+        )

@@ -67,7 +67,7 @@ def test_doctor_names_the_part_that_fails_then_passes(tmp_path: Path) -> None:
         assert not checks["worker"]["ok"]
         assert "celery -A worker.app worker" in checks["worker"]["detail"]
         others = {name for name, check in checks.items() if check["ok"]}
-        assert others == {"database", "broker", "smtp", "beat", "tracker", "secret_key"}
+        assert others == {"database", "broker", "smtp", "beat", "tracker", "secret_key", "dkim"}
 
         start_worker(processes, env, tmp_path / "worker.log", concurrency=1)
         wait_until(lambda: doctor(env, tmp_path)[0] == 0, timeout=60)

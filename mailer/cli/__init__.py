@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import typer
 
-from mailer.cli import db, doctor, posts, preview, segments, sends, stats, subscribers, tracker
+from mailer.cli import (
+    db,
+    dkim,
+    doctor,
+    posts,
+    preview,
+    segments,
+    sends,
+    stats,
+    subscribers,
+    tracker,
+)
 from mailer.cli.common import remember_invocation
 from mailer.errors import MailerError
 
@@ -34,6 +45,7 @@ app.add_typer(sends.app)
 app.command()(stats.stats)
 app.add_typer(tracker.app)
 app.command()(doctor.doctor)
+app.add_typer(dkim.app)
 
 
 def main() -> None:

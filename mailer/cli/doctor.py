@@ -15,6 +15,7 @@ import typer
 from mailer import db, heartbeat
 from mailer.cli.common import JsonFlag, print_json, settings
 from mailer.config import FIELDS, Settings
+from mailer.delivery.dkim import signer_from_settings
 from mailer.delivery.smtp import probe
 from mailer.errors import MailerError, TransientDeliveryError
 
@@ -122,6 +123,19 @@ def _tracker(config: Settings) -> str:
     return f"{url} answers {status}"
 
 
+def _dkim(config: Settings) -> str:
+    signer = signer_from_settings(config)  # a bad key file fails here, naming the setting
+    if signer is not None:
+        algorithms = ", ".join(key.algorithm for key in signer.keys)
+        return f"signing as {config.dkim_domain} (s={config.dkim_selector}; {algorithms})"
+    if urlsplit(config.tracker_url).hostname in LOCAL_HOSTS:
+        return "off: fine on this machine; Gmail and Yahoo refuse unsigned bulk mail"
+    raise _Failed(
+        "off: Gmail and Yahoo refuse unsigned bulk mail; `mailer dkim keygen` makes a key, then "
+        "set MAILER_DKIM_DOMAIN, MAILER_DKIM_SELECTOR and MAILER_DKIM_KEY_FILE"
+    )
+
+
 def _secret_key(config: Settings) -> str:
     if config.secret_keys[0] != DEFAULT_SECRET:
         return f"set ({len(config.secret_keys)} key(s); the first signs)"
@@ -142,4 +156,5 @@ PROBES: dict[str, Callable[[Settings], str]] = {
     "beat": _beat,
     "tracker": _tracker,
     "secret_key": _secret_key,
+    "dkim": _dkim,
 }

@@ -17,6 +17,7 @@ from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.compose import VARIANTS, Publication, compose
 from mailer.config import Settings
 from mailer.db.posts_repo import get_post
+from mailer.delivery.dkim import signer_from_settings
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.runner import Runtime, run_inline
 from mailer.delivery.smtp import SmtpPool, probe
@@ -52,6 +53,7 @@ def send(
 ) -> None:
     """Send a post to every active reader in a segment, each exactly once."""
     config = settings()
+    signer_from_settings(config)  # a bad DKIM key stops here, before anything, not in a batch
     with db.session(engine()) as session:
         post = get_post(session, slug)
     if test_to is not None:
@@ -131,6 +133,7 @@ def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> Non
     """Both variants to one address, marked "[Test]", outside the ledger."""
     composition = compose(post, Publication.from_settings(config), subject_prefix="[Test] ")
     signer = Signer(config.secret_keys)
+    dkim = signer_from_settings(config)
     recipient = Recipient(subscriber_id=0, email=address, name=None)
 
     async def deliver() -> dict[str, str]:
@@ -149,10 +152,11 @@ def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> Non
                     signer=signer,
                     tracker_url=config.tracker_url,
                 )
+                message = personaliser.personalise(recipient)
                 outcome = await pool.send(
                     personaliser.envelope_sender(recipient),
                     address,
-                    personaliser.personalise(recipient),
+                    dkim.sign(message) if dkim else message,
                 )
                 outcomes[variant] = f"{outcome.state}: {outcome.code or ''} {outcome.reply}"
         return outcomes

@@ -37,6 +37,7 @@ from typing import Literal, Protocol
 
 from mailer.config import Settings
 from mailer.db.models import SendStatus, Variant, utcnow
+from mailer.delivery.dkim import DkimSigner
 from mailer.delivery.ledger import (
     Candidate,
     Flushed,
@@ -212,11 +213,13 @@ async def deliver_batch(
     policy: Policy,
     sender: Sender,
     throttle: Throttle,
+    dkim: DkimSigner | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> BatchResult:
     """Send what the batch behind ``ledger`` still owes its readers; see the module doc.
 
-    ``stop_requested`` is asked before every claim: once it answers True the run hands over.
+    ``dkim`` signs each message once it is personalised. ``stop_requested`` is asked before
+    every claim: once it answers True the run hands over.
     """
     try:
         lease, held_for = await asyncio.to_thread(ledger.acquire)
@@ -225,7 +228,8 @@ async def deliver_batch(
         if lease == "held":
             return BatchResult("held", due_in=held_for)
         try:
-            return await _Run(ledger, send_id, policy, sender, throttle, stop_requested).run()
+            run = _Run(ledger, send_id, policy, sender, throttle, dkim, stop_requested)
+            return await run.run()
         finally:
             with contextlib.suppress(MailerError):  # it expires on its own; the result stands
                 await asyncio.to_thread(ledger.release)
@@ -247,9 +251,11 @@ class _Run:
         policy: Policy,
         sender: Sender,
         throttle: Throttle,
+        dkim: DkimSigner | None,
         stop_requested: Callable[[], bool],
     ) -> None:
         self.ledger = ledger
+        self.dkim = dkim
         self.send_id = send_id
         self.policy = policy
         self.sender = sender
@@ -316,6 +322,8 @@ class _Run:
             recipient = Recipient(row.subscriber_id, row.email, row.name)
             message_id = personaliser.message_id(recipient)
             message = personaliser.personalise(recipient)
+            if self.dkim is not None:
+                message = self.dkim.sign(message)
             envelope = personaliser.envelope_sender(recipient)
         except Exception as exc:
             self.record(Record("requeued", row, f"not sent: {exc}"))

@@ -26,10 +26,11 @@ from mailer.delivery.batch import (
     Sender,
     deliver_batch,
 )
+from mailer.delivery.dkim import DkimSigner, signer_from_settings
 from mailer.delivery.ledger import SqlLedger
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.throttle import LocalThrottle, Throttle
-from mailer.errors import MailerError
+from mailer.errors import ConfigError, MailerError
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,20 @@ class Runtime:
             rate_limit=settings.rate_limit, domain_limits=settings.domain_limits
         )
         self.stop_requested = stop_requested
+        # A bad key fails the send with its reason, never a batch (`mailer send` checks first).
+        self.dkim: DkimSigner | None = None
+        self.dkim_error: str | None = None
+        try:
+            self.dkim = signer_from_settings(settings)
+        except ConfigError as exc:
+            self.dkim_error = str(exc)
 
     def run_batch(self, send_id: int, batch_no: int) -> BatchResult:
         """Deliver one batch, then settle the send. Never raises for a fault: an
         ``interrupted`` result says what went wrong, and ``next_run`` when to try again."""
+        if self.dkim_error is not None:
+            result = BatchResult("misconfigured", error=self.dkim_error)
+            return self._settle(send_id, batch_no, result)
         ledger = SqlLedger(
             self.engine,
             send_id,
@@ -112,6 +123,7 @@ class Runtime:
                 policy=self.policy,
                 sender=self.sender,
                 throttle=self.throttle,
+                dkim=self.dkim,
                 stop_requested=self.stop_requested,
             )
         )

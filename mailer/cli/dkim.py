@@ -1,0 +1,71 @@
+"""``mailer dkim``: make a signing key, and print the DNS records to publish."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mailer.cli.common import JsonFlag, print_json, settings
+from mailer.delivery.dkim import (
+    DkimKey,
+    dns_record,
+    generate_key,
+    private_pem,
+    signer_from_settings,
+)
+from mailer.errors import InputError
+
+app = typer.Typer(name="dkim", help="DKIM: make a key, print the DNS records to publish.")
+
+
+@app.command()
+def keygen(
+    domain: Annotated[str, typer.Option(help="The signing domain (d=), e.g. example.com.")],
+    selector: Annotated[str, typer.Option(help="The selector (s=), e.g. mailer2026.")],
+    out: Annotated[Path, typer.Option(help="Where to write the private key (PEM).")],
+    ed25519_key: Annotated[
+        bool, typer.Option("--ed25519", help="An Ed25519 key (RFC 8463) instead of RSA 2048.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write a new private key (mode 0600, never over a file) and print its DNS record."""
+    for name, value in (("--domain", domain), ("--selector", selector)):
+        if not value or any(ch.isspace() or ch in ";=" for ch in value):
+            raise InputError(f"{name}: {value!r} is not a DNS name")
+    key = DkimKey(domain.lower().rstrip("."), selector, generate_key(ed25519_key))
+    try:
+        # O_EXCL: refuses an existing file; 0600 from the start, never readable by others.
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise InputError(f"--out: {out} exists; not overwriting a key") from None
+    except OSError as exc:
+        raise InputError(f"--out: cannot write {out}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(private_pem(key.key))
+    name, value = dns_record(key)
+    if as_json:
+        print_json({"key_file": str(out), "record_name": name, "record_value": value})
+        return
+    typer.echo(f"wrote {out}; publish this TXT record:")
+    typer.echo(f'{name}. IN TXT "{value}"')
+
+
+@app.command()
+def check() -> None:
+    """Read the configured key and print the SPF, DKIM and DMARC records to publish."""
+    config = settings()
+    signer = signer_from_settings(config)
+    if signer is None:
+        raise InputError(
+            "DKIM is off: set MAILER_DKIM_DOMAIN, MAILER_DKIM_SELECTOR and "
+            "MAILER_DKIM_KEY_FILE (`mailer dkim keygen` makes a key)"
+        )
+    domain = config.dkim_domain
+    typer.echo(f'{domain}. IN TXT "v=spf1 mx a:{config.smtp.host} ~all"  (SPF: your SMTP relay)')
+    for key in signer.keys:
+        name, value = dns_record(key)
+        typer.echo(f'{name}. IN TXT "{value}"  (DKIM, {key.algorithm})')
+    typer.echo(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"  (DMARC)')

@@ -1,0 +1,136 @@
+"""DKIM: keys from `mailer dkim keygen`, and every message of a send verified by dkimpy against
+the record keygen printed (relaxed/relaxed, RSA 2048 and Ed25519); a bad key is one error."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import dkim
+import pytest
+from smtp_servers import serve
+from sqlalchemy import Engine
+from workers import BIN, add_readers, environment, free_port, run_mailer
+
+from mailer import db, sends
+
+POST = "---\ntitle: Signed\n---\n\nHello {{ name }}.\n"
+REQUIRED = {
+    b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
+    b"list-unsubscribe", b"list-unsubscribe-post", b"list-id", b"feedback-id",
+}  # fmt: skip
+
+
+def mailer(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def keygen(env: dict[str, str], cwd: Path, out: Path, *extra: str) -> dict[str, str]:
+    args = ["dkim", "keygen", "--domain", "example.com", "--out", str(out), "--json", *extra]
+    found: dict[str, str] = json.loads(run_mailer(env, cwd, *args))
+    return found
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_message_of_a_send_verifies_with_both_keys(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    add_readers(engine, 12)
+    (tmp_path / "post.md").write_text(POST)
+    with serve() as server:
+        env = environment(db_url, f"redis://127.0.0.1:{free_port()}/0", server.settings().port)
+        rsa = keygen(env, tmp_path, tmp_path / "rsa.pem", "--selector", "r2026")
+        ed = keygen(env, tmp_path, tmp_path / "ed.pem", "--selector", "r2026-ed25519", "--ed25519")
+        assert rsa == {
+            "key_file": str(tmp_path / "rsa.pem"),
+            "record_name": "r2026._domainkey.example.com",
+            "record_value": rsa["record_value"],
+        }
+        assert rsa["record_value"].startswith("v=DKIM1; k=rsa; p=")
+        assert ed["record_value"].startswith("v=DKIM1; k=ed25519; p=")
+        for key in ("rsa.pem", "ed.pem"):
+            assert stat.S_IMODE(os.stat(tmp_path / key).st_mode) == 0o600
+        env |= {
+            "MAILER_DKIM_DOMAIN": "example.com",
+            "MAILER_DKIM_SELECTOR": "r2026",
+            "MAILER_DKIM_KEY_FILE": str(tmp_path / "rsa.pem"),
+            "MAILER_DKIM_ED25519_KEY_FILE": str(tmp_path / "ed.pem"),
+        }
+        records = run_mailer(env, tmp_path, "dkim", "check")
+        assert "v=spf1" in records and "_dmarc.example.com" in records
+        assert rsa["record_value"] in records
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        run_mailer(env, tmp_path, "send", "signed", "--segment", "all", "--yes")
+        messages = server.handler.messages
+    assert len(messages) == 12
+    published = {
+        f"{r['record_name']}.".encode(): r["record_value"].encode() for r in (rsa, ed)
+    }  # what a verifier looks up in DNS
+
+    def dns(name: bytes, timeout: int = 5) -> bytes | None:
+        return published.get(name)
+
+    for message in messages:
+        verifier = dkim.DKIM(message.data)
+        assert verifier.verify(idx=0, dnsfunc=dns), message.rcpt_tos
+        assert verifier.verify(idx=1, dnsfunc=dns), message.rcpt_tos
+        head = message.data.split(b"\r\n\r\n", 1)[0]
+        signed = head.split(b"h=", 1)[1].split(b";", 1)[0].split(b":")
+        assert set(signed) >= REQUIRED and b"c=relaxed/relaxed" in head
+
+
+def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    key = tmp_path / "key.pem"
+    key.write_text("precious")
+    done = mailer(env, tmp_path, "dkim", "keygen", "--domain", "example.com",
+                  "--selector", "s", "--out", str(key))  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("error: --out:")
+    assert "not overwriting" in done.stderr and key.read_text() == "precious"
+    done = mailer(env, tmp_path, "dkim", "keygen", "--domain", "exa mple.com",
+                  "--selector", "s", "--out", str(tmp_path / "new.pem"))  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("error: --domain:")
+    assert not (tmp_path / "new.pem").exists()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_bad_key_is_one_error_at_send_and_fails_the_send_not_a_batch(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    add_readers(engine, 3)
+    (tmp_path / "post.md").write_text(POST)
+    (tmp_path / "bad.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n")
+    with serve() as server:
+        env = environment(db_url, f"redis://127.0.0.1:{free_port()}/0", server.settings().port)
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        send = ["send", "signed", "--segment", "all", "--yes"]
+        for path, reason in (("bad.pem", "is not an unencrypted PEM"), ("gone.pem", "cannot read")):
+            env |= {
+                "MAILER_DKIM_DOMAIN": "example.com",
+                "MAILER_DKIM_SELECTOR": "s",
+                "MAILER_DKIM_KEY_FILE": str(tmp_path / path),
+            }
+            done = mailer(env, tmp_path, *send)
+            assert done.returncode == 1 and done.stdout == "", done
+            assert done.stderr.startswith("error: MAILER_DKIM_KEY_FILE:") and reason in done.stderr
+        done = mailer({**env, "MAILER_DKIM_SELECTOR": ""}, tmp_path, *send)
+        assert done.stderr.startswith("error: MAILER_DKIM_SELECTOR: required with")
+        with db.session(engine) as session:
+            assert sends.list_sends(session) == []  # nothing half-made
+
+        # The key went away after the send was planned: the send fails, saying why.
+        keygen(env, tmp_path, tmp_path / "good.pem", "--selector", "s")
+        env["MAILER_DKIM_KEY_FILE"] = str(tmp_path / "good.pem")
+        send_id = int(run_mailer(env, tmp_path, *send, "--at", "in 1h"))
+        (tmp_path / "good.pem").unlink()
+        run_mailer(env, tmp_path, "sends", "start", str(send_id), "--yes")
+        assert server.handler.messages == []
+    with db.session(engine) as session:
+        info = sends.show(session, send_id)
+    assert info.status == "failed" and "MAILER_DKIM_KEY_FILE" in (info.error or "")
+    assert info.counts["queued"] == 3
