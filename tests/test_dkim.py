@@ -3,10 +3,13 @@ the record keygen printed (relaxed/relaxed, RSA 2048 and Ed25519); a bad key is 
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import stat
 import subprocess
+from email.message import EmailMessage
 from pathlib import Path
 
 import dkim
@@ -76,6 +79,7 @@ def test_every_message_of_a_send_verifies_with_both_keys(
         return published.get(name)
 
     for message in messages:
+        follows_the_bulk_sender_rules(message.data)
         verifier = dkim.DKIM(message.data)
         assert verifier.verify(idx=0, dnsfunc=dns), message.rcpt_tos
         assert verifier.verify(idx=1, dnsfunc=dns), message.rcpt_tos
@@ -134,3 +138,20 @@ def test_a_bad_key_is_one_error_at_send_and_fails_the_send_not_a_batch(
         info = sends.show(session, send_id)
     assert info.status == "failed" and "MAILER_DKIM_KEY_FILE" in (info.error or "")
     assert info.counts["queued"] == 3
+
+
+def follows_the_bulk_sender_rules(data: bytes) -> None:
+    """What Gmail's and Yahoo's 2024 rules for bulk senders ask of each message."""
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    for header in ("From", "Message-ID", "Date", "Feedback-ID", "List-Id"):
+        assert len(parsed.get_all(header) or []) == 1, header
+    unsubscribe = str(parsed["List-Unsubscribe"])
+    assert "<https://" in unsubscribe or "<http://" in unsubscribe
+    assert "<mailto:unsubscribe+" in unsubscribe
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    assert isinstance(parsed, EmailMessage)
+    for kind in ("plain", "html"):
+        part = parsed.get_body((kind,))
+        assert part is not None, kind
+        assert "/u/" in part.get_content(), f"no visible unsubscribe link in the {kind} part"
