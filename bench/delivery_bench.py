@@ -187,9 +187,9 @@ def baseline_source(sink: Sink) -> float:
     return SOURCE_MESSAGES / (time.perf_counter() - start)
 
 
-def baseline_loop(sink: Sink, message: bytes) -> float:
+def baseline_loop(sink: Sink, message: bytes, count: int = LOOP_MESSAGES) -> float:
     """(a) One process, 16 aiosmtplib connections, one prebuilt message: messages per second."""
-    left = LOOP_MESSAGES
+    left = count
 
     async def connection() -> None:
         nonlocal left
@@ -205,7 +205,7 @@ def baseline_loop(sink: Sink, message: bytes) -> float:
 
     start = time.perf_counter()
     asyncio.run(run())
-    return LOOP_MESSAGES / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start)
 
 
 def load_subscribers(engine: Engine, first: int, count: int) -> None:
