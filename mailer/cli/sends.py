@@ -198,9 +198,6 @@ class _Progress:
         self.bar.start()
 
     def update(self) -> None:
-        self.latest()
-
-    def latest(self) -> sends.SendInfo:
         with db.session(engine()) as session:
             info = sends.show(session, self.send_id)
         c = info.counts
@@ -215,7 +212,6 @@ class _Progress:
             failed=c["failed"],
             rate=rate,
         )
-        return info
 
     def close(self) -> None:
         self.update()
@@ -223,15 +219,28 @@ class _Progress:
 
 
 _TERMINAL = ("done", "cancelled", "failed", "missed", "paused")
+# The status is one row, read often so that the command ends soon after the send does; the
+# bar's counts scan the send's ledger, so they are read less often.
+_POLL_S = 0.1
+_COUNTS_EVERY_S = 1.0
 
 
 def _wait(send_id: int) -> None:
     progress = _Progress(send_id)
+    counted = time.monotonic()
     try:
-        while progress.latest().status not in _TERMINAL:
-            time.sleep(0.5)
+        while _status(send_id) not in _TERMINAL:
+            time.sleep(_POLL_S)
+            if time.monotonic() - counted >= _COUNTS_EVERY_S:
+                progress.update()
+                counted = time.monotonic()
     finally:
         progress.close()
+
+
+def _status(send_id: int) -> str:
+    with db.session(engine()) as session:
+        return sends.status(session, send_id)
 
 
 @app.command("list")
