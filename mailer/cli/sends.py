@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import sys
 import time
 from typing import Annotated
@@ -18,7 +19,6 @@ from mailer.compose import VARIANTS, Publication, compose
 from mailer.config import Settings
 from mailer.db.posts_repo import get_post
 from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.delivery.runner import Runtime, run_inline
 from mailer.delivery.smtp import SmtpPool, probe
 from mailer.errors import InputError
 from mailer.posts import Post
@@ -164,6 +164,9 @@ def _dispatch(config: Settings, send_id: int, batches: list[int], *, show_progre
         if not celery.control.ping(timeout=1.0):
             _err.print("[yellow]no worker answered: batches wait until one starts[/]")
         return
+    # Here, not at the top: with a broker, the command does without the delivery machinery.
+    from mailer.delivery.runner import Runtime, run_inline
+
     _err.print(f"no broker at {db.shown(config.broker_url)}: delivering in this process")
     runtime = Runtime(config, engine=db.connect(config.database_url))
     try:
@@ -227,11 +230,13 @@ _COUNTS_EVERY_S = 1.0
 
 def _wait(send_id: int) -> None:
     progress = _Progress(send_id)
+    # Off a terminal the bar is only drawn when it stops: no counts to read until then.
+    every = _COUNTS_EVERY_S if _err.is_terminal else math.inf
     counted = time.monotonic()
     try:
         while _status(send_id) not in _TERMINAL:
             time.sleep(_POLL_S)
-            if time.monotonic() - counted >= _COUNTS_EVERY_S:
+            if time.monotonic() - counted >= every:
                 progress.update()
                 counted = time.monotonic()
     finally:
