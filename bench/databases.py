@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import redis
 from sqlalchemy import create_engine, make_url, text
 
 from bench.processes import accepts, free_port, stop, wait_for
@@ -34,18 +33,6 @@ def postgres_database() -> Iterator[str]:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
-
-
-@contextmanager
-def redis_database(url: str) -> Iterator[str]:
-    """The benchmark's own Redis database (never 0), flushed before and after."""
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @contextmanager
