@@ -328,11 +328,16 @@ def test_close_quits_idle_connections_and_the_pool_refuses_more() -> None:
 
 
 async def _scripted_server(
-    replies: dict[bytes, bytes], sessions: list[int], *, byte_by_byte: bool = False
+    replies: dict[bytes, bytes],
+    sessions: list[int],
+    *,
+    byte_by_byte: bool = False,
+    hang_up_after: bytes | None = None,
 ) -> asyncio.Server:
     """A PIPELINING server that answers each command by its verb from ``replies`` (defaults:
     250, and 354 to DATA); the replies to commands that came together go out in one write,
-    or byte by byte. Appends to ``sessions`` once per connection."""
+    or byte by byte; it hangs up right after answering ``hang_up_after``. Appends to
+    ``sessions`` once per connection."""
     answers = {b"MAIL": b"250 ok\r\n", b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n"}
     answers |= {b"RSET": b"250 reset\r\n", b"QUIT": b"221 bye\r\n", b".": b"250 queued\r\n"}
     answers |= replies
@@ -351,13 +356,13 @@ async def _scripted_server(
             else:
                 out += answers.get(verb, b"500 what\r\n")
                 in_data = verb == b"DATA" and out.endswith(b"354 go\r\n")
-            if b"\n" in getattr(reader, "_buffer"):  # noqa: B009  more commands came with it
-                continue
+            if verb != hang_up_after and b"\n" in getattr(reader, "_buffer"):  # noqa: B009
+                continue  # more commands came with this one: answer them together
             for i in range(len(out)) if byte_by_byte else [0]:
                 writer.write(out[i : i + 1] if byte_by_byte else out)
                 await writer.drain()
             out = b""
-            if verb == b"QUIT":
+            if verb in (b"QUIT", hang_up_after):
                 break
         writer.close()
 
@@ -397,3 +402,35 @@ def test_a_server_that_takes_data_without_a_recipient_gets_an_empty_message_then
     refused = Outcome("failed", 550, "5.1.1 no such user", bounce=True)
     assert asyncio.run(run()) == [refused, refused]
     assert len(sessions) == 1  # the empty message and RSET kept the session in step
+
+
+@pytest.mark.parametrize(
+    ("verb", "reply", "outcome"),
+    [
+        (
+            b"MAIL",
+            b"554 5.7.1 go away\r\n",
+            Outcome("failed", 554, f"sender {SENDER} refused: 5.7.1 go away"),
+        ),
+        (
+            b"RCPT",
+            b"550 5.1.1 no such user\r\n",
+            Outcome("failed", 550, "5.1.1 no such user", bounce=True),
+        ),
+        (b"RCPT", b"452 4.5.3 too many\r\n", Outcome("deferred", 452, "4.5.3 too many", True)),
+    ],
+)
+def test_a_refusal_then_a_hang_up_keeps_the_refusals_outcome(
+    verb: bytes, reply: bytes, outcome: Outcome
+) -> None:
+    # Pipelined, the replies to the commands behind the refused one never come.
+    sessions: list[int] = []
+
+    async def run() -> list[Outcome]:
+        server = await _scripted_server({verb: reply}, sessions, hang_up_after=verb)
+        port = server.sockets[0].getsockname()[1]
+        async with server, pool_for(SmtpSettings("127.0.0.1", port), size=1) as pool:
+            return [await pool.send(SENDER, f"r{i}@example.org", MESSAGE) for i in range(2)]
+
+    assert asyncio.run(run()) == [outcome, outcome]
+    assert len(sessions) == 2  # the broken session was not reused

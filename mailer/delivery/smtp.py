@@ -504,7 +504,7 @@ class SmtpPool:
         replies = _Replies(protocol)
         timeout = self._command_timeout
         step = "MAIL FROM"
-        refused: tuple[SMTPResponse, str | None] | None = None  # the refusal, and its sender
+        refused: tuple[SMTPResponse, str | None] | None = None  # the first, and its sender
         transport.set_protocol(replies)
         try:
             try:
@@ -514,37 +514,45 @@ class SmtpPool:
                 raise _StaleConnection from None
             if mail_reply.code == 530:
                 raise _auth_required(mail_reply)
-            # After a 421 the server hangs up without answering the rest: stop there.
-            if mail_reply.code == 421:
-                return _reply(421, mail_reply.message, sender=sender), False
-            step = "RCPT TO"
-            rcpt_reply = await replies.next(timeout)
-            if rcpt_reply.code == 421:
-                return _reply(421, rcpt_reply.message), False
-            step = "DATA"
-            data_reply = await replies.next(timeout)
             if mail_reply.code != 250:
                 refused = mail_reply, sender
-            elif rcpt_reply.code not in (250, 251):
-                refused = rcpt_reply, None
-            elif data_reply.code != 354:
-                refused = data_reply, None
-            if refused is None:
-                step = "end of data"
-                timeout = self._data_timeout
-                protocol.write(_data_payload(message))
-                reply = await replies.next(timeout)
-            elif data_reply.code == 354:
-                # A server that took DATA with no recipient (RFC 2920 says it must not)
-                # gets an empty message, which it must refuse; RSET follows all the same.
-                step = "end of data"
-                protocol.write(b".\r\n")
-                await replies.next(timeout)
-        except SMTPResponseException as exc:  # a garbled or overlong reply
-            return _deferred(f"bad reply to {step}: {exc.message}"), False
-        except (SMTPTimeoutError, TimeoutError):
-            return _deferred(f"timed out after {timeout:g}s waiting for the {step} reply"), False
-        except (SMTPServerDisconnected, OSError) as exc:
+            # After a 421 the server hangs up without answering the rest: stop reading there.
+            if mail_reply.code != 421:
+                step = "RCPT TO"
+                rcpt_reply = await replies.next(timeout)
+                if refused is None and rcpt_reply.code not in (250, 251):
+                    refused = rcpt_reply, None
+                if rcpt_reply.code != 421:
+                    step = "DATA"
+                    data_reply = await replies.next(timeout)
+                    if refused is None and data_reply.code != 354:
+                        refused = data_reply, None
+                    if refused is None:
+                        step = "end of data"
+                        timeout = self._data_timeout
+                        protocol.write(_data_payload(message))
+                        reply = await replies.next(timeout)
+                    elif data_reply.code == 354:
+                        # A server that took DATA with no recipient (RFC 2920 says it must
+                        # not) gets an empty message, which it must refuse; then RSET.
+                        step = "end of data"
+                        protocol.write(b".\r\n")
+                        await replies.next(timeout)
+        except (
+            SMTPResponseException,
+            SMTPTimeoutError,
+            TimeoutError,
+            SMTPServerDisconnected,
+            OSError,
+        ) as exc:
+            if refused is not None:  # the refusal stands; the session is past saving
+                return _reply(refused[0].code, refused[0].message, sender=refused[1]), False
+            if isinstance(exc, SMTPResponseException):  # a garbled or overlong reply
+                return _deferred(f"bad reply to {step}: {exc.message}"), False
+            if isinstance(exc, SMTPTimeoutError | TimeoutError):
+                return _deferred(
+                    f"timed out after {timeout:g}s waiting for the {step} reply"
+                ), False
             return _deferred(f"connection dropped during {step}: {exc}"), False
         finally:
             transport.set_protocol(protocol)
