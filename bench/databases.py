@@ -1,14 +1,17 @@
-"""Throwaway databases for a benchmark: PostgreSQL created and dropped, Redis flushed."""
+"""Throwaway databases for a benchmark: PostgreSQL created and dropped, a private Redis."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-import redis
 from sqlalchemy import create_engine, make_url, text
+
+from bench.processes import accepts, free_port, stop, wait_for
 
 # The admin connection only creates and drops the benchmark's own database.
 ADMIN_URL = make_url(
@@ -33,12 +36,31 @@ def postgres_database() -> Iterator[str]:
 
 
 @contextmanager
-def redis_database(url: str) -> Iterator[str]:
-    """The benchmark's own Redis database (never 0), flushed before and after."""
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+def redis_server(folder: Path) -> Iterator[str]:
+    """A private ``redis-server`` on a free port, no persistence: the URL of its database 0.
+
+    Its own server rather than a database of the shared one, which other jobs use and flush.
+    """
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        yield url
+        wait_for(lambda: accepts(port), 10, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
-        client.flushdb()
-        client.close()
+        stop(process)

@@ -12,10 +12,10 @@ each with freshly started workers. Worker CPU per message is the processes' own 
 the send, so it says what a message costs whatever else the shared machine is doing.
 
 Everything it starts runs in its own process group and is stopped at the end, failure or not:
-the sink, the workers, a throwaway PostgreSQL database and Redis database 12 (flushed before
-and after). Sizes come from ``BENCH_*`` variables for quick runs, e.g.
-``BENCH_RECIPIENTS=5000 BENCH_PLAN_RECIPIENTS=20000 BENCH_SOURCE_MESSAGES=5000
-BENCH_LOOP_MESSAGES=2000 python -m bench.delivery_bench``.
+the sink, the workers, a throwaway PostgreSQL database and a private ``redis-server``. Sizes
+come from ``BENCH_*`` variables for quick runs, e.g. ``BENCH_RECIPIENTS=5000
+BENCH_PLAN_RECIPIENTS=20000 BENCH_SOURCE_MESSAGES=5000 BENCH_LOOP_MESSAGES=2000
+python -m bench.delivery_bench``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import psycopg
 from celery import Celery
 from sqlalchemy import Engine, func, select, text
 
-from bench.databases import postgres_database, redis_database
+from bench.databases import postgres_database, redis_server
 from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
@@ -69,7 +69,6 @@ SENDS = [
     for c, b in (s.split("x") for s in os.environ.get("BENCH_SENDS", "16x500,64x500").split(","))
 ]
 HTML_BYTES = 20_000
-BROKER = "redis://127.0.0.1:6379/12"  # this benchmark's own Redis database: flushed
 BIN = Path(sys.executable).parent
 SLUG = "delivery-bench"
 STALL_S = 120.0  # the sink got nothing for this long: the send is stuck, give up
@@ -187,9 +186,9 @@ def baseline_source(sink: Sink) -> float:
     return SOURCE_MESSAGES / (time.perf_counter() - start)
 
 
-def baseline_loop(sink: Sink, message: bytes) -> float:
+def baseline_loop(sink: Sink, message: bytes, count: int = LOOP_MESSAGES) -> float:
     """(a) One process, 16 aiosmtplib connections, one prebuilt message: messages per second."""
-    left = LOOP_MESSAGES
+    left = count
 
     async def connection() -> None:
         nonlocal left
@@ -205,7 +204,7 @@ def baseline_loop(sink: Sink, message: bytes) -> float:
 
     start = time.perf_counter()
     asyncio.run(run())
-    return LOOP_MESSAGES / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start)
 
 
 def load_subscribers(engine: Engine, first: int, count: int) -> None:
@@ -252,11 +251,13 @@ def bench_post(publication: Publication) -> tuple[Post, Composition]:
             return post, composition
 
 
-def mailer_env(url: str, sink: Sink, concurrency: int, batch_size: int) -> dict[str, str]:
+def mailer_env(
+    url: str, broker: str, sink: Sink, concurrency: int, batch_size: int
+) -> dict[str, str]:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
         "MAILER_DATABASE_URL": url,
-        "MAILER_BROKER_URL": BROKER,
+        "MAILER_BROKER_URL": broker,
         "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",
         "MAILER_SMTP_CONCURRENCY": str(concurrency),
         "MAILER_BATCH_SIZE": str(batch_size),
@@ -292,7 +293,7 @@ def celery_workers(env: dict[str, str], folder: Path) -> Iterator[list[subproces
                         start_new_session=True,  # its own group: stopping it stops its pool too
                     )
                 )
-        with Celery(broker=BROKER) as app:
+        with Celery(broker=env["MAILER_BROKER_URL"]) as app:
             wait_for(lambda: len(app.control.ping(timeout=0.5)) >= WORKERS, 60, "workers")
         yield started
     finally:
@@ -376,7 +377,7 @@ def plan_and_run(
         )
         batches = sends.start(session, send_id)
     plan_s = time.perf_counter() - start
-    with celery_workers(env, folder) as workers, Celery(broker=BROKER) as app:
+    with celery_workers(env, folder) as workers, Celery(broker=env["MAILER_BROKER_URL"]) as app:
         received_before = sink.received()
         for batch_no in batches:
             app.send_task("mailer.deliver_batch", (send_id, batch_no))
@@ -400,8 +401,8 @@ def main() -> list[Row]:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="delivery_bench_")))
         sink = stack.enter_context(smtp_sink(folder))
         url = stack.enter_context(postgres_database())
-        stack.enter_context(redis_database(BROKER))
-        envs = [mailer_env(url, sink, c, b) for c, b in SENDS]
+        broker = stack.enter_context(redis_server(folder))
+        envs = [mailer_env(url, broker, sink, c, b) for c, b in SENDS]
         settings = load_settings(envs[0], env_file=None)
         post, composition = bench_post(Publication.from_settings(settings))
         # Baseline (a) sends the very bytes the pipeline sends: the paid variant, personalised.
@@ -448,7 +449,8 @@ def main() -> list[Row]:
         )
         rows += [
             (
-                f"whole send, {RECIPIENTS:,} readers, {setup} (msg/s)",
+                f"issue 4 method, to the last 250: whole send, {RECIPIENTS:,} readers, {setup} "
+                "(msg/s)",
                 r.rate,
                 f"{_versus(r.rate, loop_rate, 'a', 1.0)}, "
                 f"{_versus(r.rate, source_rate, 'b', 0.25)}; {r.elapsed:.1f} s to the last 250, "

@@ -5,8 +5,8 @@ serving a static GIF, p99 at most 20 ms, and every answered request found in the
 after the flush. Both servers get two processes (one per core) and the same wrk script,
 which cycles through ``BENCH_TRACKER_READERS`` different readers' pixel URLs.
 
-The tracker runs as ``mailer tracker serve`` on a throwaway PostgreSQL database and Redis
-database 9 (flushed before and after); it is stopped with SIGTERM, so it writes its buffer,
+The tracker runs as ``mailer tracker serve`` on a throwaway PostgreSQL database and a private
+``redis-server``; it is stopped with SIGTERM, so it writes its buffer,
 and ``mailer tracker flush`` writes whatever another process left. Needs Debian's ``wrk`` and
 ``nginx-light`` (``make bench`` installs them).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from bench.databases import postgres_database, redis_database
+from bench.databases import postgres_database, redis_server
 from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -42,7 +42,6 @@ READERS = int(os.environ.get("BENCH_TRACKER_READERS", 10_000))
 DURATION = os.environ.get("BENCH_TRACKER_DURATION", "15s")
 CONNECTIONS = 64
 PROCESSES = 2
-BROKER = "redis://127.0.0.1:6379/9"  # this benchmark's own Redis database: flushed
 BIN = Path(sys.executable).parent
 POST = "---\ntitle: Tracker Bench\n---\n\nHello {{ name }}, [a link](https://example.com/a).\n"
 
@@ -223,11 +222,11 @@ def main() -> list[Row]:
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tracker_bench_")))
         url = stack.enter_context(postgres_database())
-        stack.enter_context(redis_database(BROKER))
+        broker = stack.enter_context(redis_server(folder))
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
             "MAILER_DATABASE_URL": url,
-            "MAILER_BROKER_URL": BROKER,
+            "MAILER_BROKER_URL": broker,
         }
         db.upgrade(url)
         script = wrk_script(folder, pixel_paths(url, env))

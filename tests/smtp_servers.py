@@ -30,6 +30,10 @@ inject one fault:
 ``server.down()`` stops a server as a killed process would be (every open connection closed,
 nothing listening); ``server.up()`` starts it again on the same port, with the same handler.
 
+``serve(handler, pipelining=True)`` offers PIPELINING (aiosmtpd reads commands in turn, so it
+takes them pipelined without offering it); ``handler.pipelined`` then says, per MAIL FROM,
+whether the client had already sent RCPT TO behind it.
+
 ``serve(handler, auth=("user", "pass"))`` requires AUTH (PLAIN or LOGIN, no TLS needed);
 ``starttls=True`` requires STARTTLS and ``implicit_tls=True`` speaks TLS from the start,
 both with a certificate from a throwaway CA that ``client_tls_context()`` trusts.
@@ -78,6 +82,8 @@ class Recorder:
         self._messages: list[Message] = []
         # Set by serve(auth=...). aiosmtpd's own auth_required warns without TLS, every time.
         self.require_auth = False
+        self.offer_pipelining = False  # set by serve(pipelining=True)
+        self.pipelined: list[bool] = []
 
     @property
     def messages(self) -> list[Message]:
@@ -101,9 +107,17 @@ class Recorder:
     async def on_data(self, server: SMTP, session: Session, envelope: Envelope) -> str | None:
         return None
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, lines: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*lines[:-1], "250-PIPELINING", lines[-1]] if self.offer_pipelining else lines
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        # Unread input behind MAIL FROM: the client did not wait for its reply.
+        self.pipelined.append(b"RCPT" in getattr(server, "_reader")._buffer)  # noqa: B009
         if self.require_auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
         reply = await self.on_mail(server, session, address)
@@ -419,11 +433,13 @@ def serve(
     auth: tuple[str, str] | None = None,
     starttls: bool = False,
     implicit_tls: bool = False,
+    pipelining: bool = False,
     **options: Any,
 ) -> Iterator[SmtpServer]:
     """Runs ``handler`` until the block ends; ``options`` go to aiosmtpd's ``SMTP`` (e.g.
     ``timeout=0.1`` hangs up connections idle that long)."""
     handler = handler or Recorder()
+    handler.offer_pipelining = pipelining
     kwargs: dict[str, Any] = dict(options)
     if auth is not None:
 

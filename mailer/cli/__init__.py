@@ -7,6 +7,8 @@ into one ``error: ...`` line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import gc
+
 import typer
 
 from mailer.cli import (
@@ -54,3 +56,8 @@ def main() -> None:
     except MailerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
+    finally:
+        # The collector's last pass at exit walks every object of every module imported
+        # (SQLAlchemy, Celery, ...): about 0.2 s per command. Freezing skips only that pass;
+        # modules are still torn down and their objects released.
+        gc.freeze()

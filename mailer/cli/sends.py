@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import sys
 import time
 from typing import Annotated
@@ -19,7 +20,6 @@ from mailer.config import Settings
 from mailer.db.posts_repo import get_post
 from mailer.delivery.dkim import signer_from_settings
 from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.delivery.runner import Runtime, run_inline
 from mailer.delivery.smtp import SmtpPool, probe
 from mailer.errors import InputError
 from mailer.posts import Post
@@ -191,6 +191,9 @@ def _dispatch(config: Settings, send_id: int, batches: list[int], *, show_progre
         if not celery.control.ping(timeout=1.0):
             _err.print("[yellow]no worker answered: batches wait until one starts[/]")
         return
+    # Here, not at the top: with a broker, the command does without the delivery machinery.
+    from mailer.delivery.runner import Runtime, run_inline
+
     _err.print(f"no broker at {db.shown(config.broker_url)}: delivering in this process")
     runtime = Runtime(config, engine=db.connect(config.database_url))
     try:
@@ -225,9 +228,6 @@ class _Progress:
         self.bar.start()
 
     def update(self) -> None:
-        self.latest()
-
-    def latest(self) -> sends.SendInfo:
         with db.session(engine()) as session:
             info = sends.show(session, self.send_id)
         c = info.counts
@@ -242,7 +242,6 @@ class _Progress:
             failed=c["failed"],
             rate=rate,
         )
-        return info
 
     def close(self) -> None:
         self.update()
@@ -250,15 +249,30 @@ class _Progress:
 
 
 _TERMINAL = ("done", "cancelled", "failed", "missed", "paused")
+# The status is one row, read often so that the command ends soon after the send does; the
+# bar's counts scan the send's ledger, so they are read less often.
+_POLL_S = 0.1
+_COUNTS_EVERY_S = 1.0
 
 
 def _wait(send_id: int) -> None:
     progress = _Progress(send_id)
+    # Off a terminal the bar is only drawn when it stops: no counts to read until then.
+    every = _COUNTS_EVERY_S if _err.is_terminal else math.inf
+    counted = time.monotonic()
     try:
-        while progress.latest().status not in _TERMINAL:
-            time.sleep(0.5)
+        while _status(send_id) not in _TERMINAL:
+            time.sleep(_POLL_S)
+            if time.monotonic() - counted >= every:
+                progress.update()
+                counted = time.monotonic()
     finally:
         progress.close()
+
+
+def _status(send_id: int) -> str:
+    with db.session(engine()) as session:
+        return sends.status(session, send_id)
 
 
 @app.command("list")

@@ -8,21 +8,20 @@ import os
 import signal
 import time
 from multiprocessing.synchronize import Event as EventType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import redis
 import typer
-import uvicorn
 from sqlalchemy import Engine
-from starlette.types import ASGIApp
 
 from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
 from mailer.logs import uvicorn_config
-from mailer.tracking.app import create_app
 from mailer.tracking.ingest import Buffer, Flusher, flush_once, in_memory, open_buffer
 from mailer.tracking.tokens import Signer
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 app = typer.Typer(name="tracker", help="The tracker: opens, clicks, unsubscribes, webhooks.")
 
@@ -34,6 +33,8 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Serve the tracker until stopped; SIGTERM writes buffered events before exiting."""
+    import uvicorn  # here, not at the top: every other command starts faster without it
+
     config = settings()  # a bad setting stops here with one line, not in every worker
     # With Redis, one process of its own writes the events: in a serving process, the flusher
     # would hold the GIL for milliseconds at a time, and every pixel would wait that long.
@@ -101,6 +102,8 @@ def flush(as_json: JsonFlag = False) -> None:
 
 def app_from_settings() -> ASGIApp:
     """The tracker configured from the environment: uvicorn calls this in each worker."""
+    from mailer.tracking.app import create_app  # Starlette: only where the tracker serves
+
     config = load_settings()
     database = db.connect(config.database_url)
     signer = Signer(config.secret_keys)
@@ -121,6 +124,8 @@ def app_from_settings() -> ASGIApp:
 
 def _metrics(config: Settings, database: Engine, buffer: Buffer) -> bytes:
     # Imported at the first scrape: the tracker serves pixels without loading prometheus-client.
+    import redis
+
     from mailer.metrics import render
 
     broker = None if in_memory(config.broker_url) else redis.Redis.from_url(config.broker_url)

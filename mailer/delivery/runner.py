@@ -8,12 +8,12 @@ Both ask ``next_run`` when a batch should run again: the one place that rule liv
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections.abc import Callable
 
+import uvloop
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -78,7 +78,7 @@ class Runtime:
     ) -> None:
         self.engine = engine or db.connect(settings.database_url)
         self.policy = Policy.from_settings(settings)
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # less CPU per SMTP round trip than asyncio's
         self._pool = (
             None
             if sender is not None

@@ -30,11 +30,15 @@ MAIL FROM.
 Timeouts: ``connect_timeout`` bounds connecting, TLS, the greeting, EHLO and AUTH together;
 ``command_timeout`` each of MAIL, RCPT, DATA and RSET; ``data_timeout`` the reply to the
 final dot, which is when servers scan and queue the message.
+
+A server that offers PIPELINING (RFC 2920) gets MAIL, RCPT and DATA in one write, and the
+message after the 354: two round trips per message instead of four, with the same outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import socket
 import ssl
@@ -47,11 +51,13 @@ from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPException,
     SMTPHeloError,
+    SMTPReadTimeoutError,
     SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from mailer.config import SmtpSettings
 from mailer.errors import PermanentDeliveryError, TransientDeliveryError
@@ -89,6 +95,94 @@ class _StaleConnection(Exception):
     """The connection was found closed when MAIL FROM was sent: nothing was sent yet."""
 
 
+class _Replies(asyncio.Protocol):
+    """Reads the replies to pipelined commands, standing in for aiosmtplib's protocol.
+
+    aiosmtplib reads one reply per command and drops whatever arrives while a reply waits to
+    be picked up, so replies that come together, as pipelined ones may, would be lost. While
+    installed on the transport, this parses every reply that arrives, in order; the
+    connection's loss still reaches aiosmtplib's protocol.
+    """
+
+    def __init__(self, smtp: SMTPProtocol) -> None:
+        self._smtp = smtp
+        self._buffer = bytearray()
+        self._replies: collections.deque[SMTPResponse] = collections.deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def leftover(self) -> bool:
+        """Something arrived that no command asked for: the session is out of step."""
+        return bool(self._replies or self._buffer)
+
+    async def next(self, timeout: float) -> SMTPResponse:
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from None
+        return self._replies.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        try:
+            self._parse()
+        except SMTPResponseException as exc:
+            self._error = exc
+        self._wake()
+
+    def _parse(self) -> None:
+        """Move every complete reply from the buffer to the queue (as aiosmtplib parses one)."""
+        lines: list[bytes] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) != -1:
+            line = bytes(self._buffer[start : end + 1])
+            if len(line) > MAX_LINE_LENGTH:
+                raise SMTPResponseException(500, "Response too long")
+            start = end + 1
+            try:
+                code = int(line[:3])
+            except ValueError:
+                raise SMTPResponseException(
+                    500, f"Malformed SMTP response line: {line.decode('utf-8', 'ignore')}"
+                ) from None
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] == b"-":
+                continue
+            text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            self._replies.append(SMTPResponse(code, text))
+            lines = []
+            del self._buffer[:start]
+            start = 0
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            raise SMTPResponseException(500, "Response too long")
+
+    def eof_received(self) -> bool:
+        self._error = SMTPServerDisconnected("Unexpected EOF received")
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not isinstance(self._error, SMTPServerDisconnected):
+            self._error = SMTPServerDisconnected("Connection lost")
+        self._wake()
+        self._smtp.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._smtp.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._smtp.resume_writing()
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:MAX_REPLY]
 
@@ -100,6 +194,12 @@ def _reply(code: int, text: str, *, sender: str | None = None) -> Outcome:
         return Outcome("deferred", code, reply, code in BACKOFF_CODES)
     # A refused sender is our problem, not the reader's: no bounce.
     return Outcome("failed", code, reply, bounce=sender is None)
+
+
+def _auth_required(reply: SMTPResponse) -> PermanentDeliveryError:
+    return PermanentDeliveryError(
+        _one_line(f"the SMTP server requires AUTH: {reply.code} {reply.message}")
+    )
 
 
 def _deferred(reply: str) -> Outcome:
@@ -359,22 +459,25 @@ class SmtpPool:
         if (utf8 or not message.isascii()) and conn.supports_extension("8bitmime"):
             options.append(b"BODY=8BITMIME")
 
+        mail = b" ".join([b"MAIL", mail_from, *options])
+        rcpt = b"RCPT " + rcpt_to
+        if conn.supports_extension("pipelining"):
+            return await self._transact_pipelined(conn, sender, mail, rcpt, message)
+
         timeout = self._command_timeout
         step = "MAIL FROM"
         try:
             try:
-                reply = await conn.execute_command(b"MAIL", mail_from, *options, timeout=timeout)
+                reply = await conn.execute_command(mail, timeout=timeout)
             except SMTPServerDisconnected:
                 raise _StaleConnection from None
             if reply.code == 530:
-                raise PermanentDeliveryError(
-                    _one_line(f"the SMTP server requires AUTH: {reply.code} {reply.message}")
-                )
+                raise _auth_required(reply)
             if reply.code != 250:
                 outcome = _reply(reply.code, reply.message, sender=sender)
                 return outcome, reply.code != 421
             step = "RCPT TO"
-            reply = await conn.execute_command(b"RCPT", rcpt_to, timeout=timeout)
+            reply = await conn.execute_command(rcpt, timeout=timeout)
             if reply.code not in (250, 251):
                 return await self._refused(conn, reply)
             step = "DATA"
@@ -399,9 +502,83 @@ class SmtpPool:
             return Outcome("sent", 250, _one_line(reply.message)), True
         return _reply(reply.code, reply.message), reply.code != 421
 
-    async def _refused(self, conn: SMTP, reply: SMTPResponse) -> tuple[Outcome, bool]:
+    async def _transact_pipelined(
+        self, conn: SMTP, sender: str, mail: bytes, rcpt: bytes, message: bytes
+    ) -> tuple[Outcome, bool]:
+        """``_transact`` with MAIL, RCPT and DATA in one write: the same outcomes, in two
+        round trips. The first refusal among the three replies decides, as it would have
+        stopped the unpipelined transaction there."""
+        protocol = conn.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None or transport.is_closing():
+            raise _StaleConnection
+        replies = _Replies(protocol)
+        timeout = self._command_timeout
+        step = "MAIL FROM"
+        refused: tuple[SMTPResponse, str | None] | None = None  # the first, and its sender
+        transport.set_protocol(replies)
+        try:
+            try:
+                protocol.write(mail + b"\r\n" + rcpt + b"\r\nDATA\r\n")
+                mail_reply = await replies.next(timeout)
+            except SMTPServerDisconnected:
+                raise _StaleConnection from None
+            if mail_reply.code == 530:
+                raise _auth_required(mail_reply)
+            if mail_reply.code != 250:
+                refused = mail_reply, sender
+            # After a 421 the server hangs up without answering the rest: stop reading there.
+            if mail_reply.code != 421:
+                step = "RCPT TO"
+                rcpt_reply = await replies.next(timeout)
+                if refused is None and rcpt_reply.code not in (250, 251):
+                    refused = rcpt_reply, None
+                if rcpt_reply.code != 421:
+                    step = "DATA"
+                    data_reply = await replies.next(timeout)
+                    if refused is None and data_reply.code != 354:
+                        refused = data_reply, None
+                    if refused is None:
+                        step = "end of data"
+                        timeout = self._data_timeout
+                        protocol.write(_data_payload(message))
+                        reply = await replies.next(timeout)
+                    elif data_reply.code == 354:
+                        # A server that took DATA with no recipient (RFC 2920 says it must
+                        # not) gets an empty message, which it must refuse; then RSET.
+                        step = "end of data"
+                        protocol.write(b".\r\n")
+                        await replies.next(timeout)
+        except (
+            SMTPResponseException,
+            SMTPTimeoutError,
+            TimeoutError,
+            SMTPServerDisconnected,
+            OSError,
+        ) as exc:
+            if refused is not None:  # the refusal stands; the session is past saving
+                return _reply(refused[0].code, refused[0].message, sender=refused[1]), False
+            if isinstance(exc, SMTPResponseException):  # a garbled or overlong reply
+                return _deferred(f"bad reply to {step}: {exc.message}"), False
+            if isinstance(exc, SMTPTimeoutError | TimeoutError):
+                return _deferred(
+                    f"timed out after {timeout:g}s waiting for the {step} reply"
+                ), False
+            return _deferred(f"connection dropped during {step}: {exc}"), False
+        finally:
+            transport.set_protocol(protocol)
+        if refused is not None:
+            return await self._refused(conn, refused[0], sender=refused[1])
+        keep = not replies.leftover and reply.code != 421
+        if reply.code == 250:
+            return Outcome("sent", 250, _one_line(reply.message)), keep
+        return _reply(reply.code, reply.message), keep
+
+    async def _refused(
+        self, conn: SMTP, reply: SMTPResponse, *, sender: str | None = None
+    ) -> tuple[Outcome, bool]:
         """After a refusal mid-transaction, RSET so the connection can carry the next one."""
-        outcome = _reply(reply.code, reply.message)
+        outcome = _reply(reply.code, reply.message, sender=sender)
         if reply.code == 421 or not conn.is_connected:
             return outcome, False
         try:
