@@ -7,18 +7,19 @@ import datetime as dt
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from sqlalchemy.orm import Session
 
 from mailer import db, sends
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.compose import VARIANTS, Publication, compose
 from mailer.config import Settings
 from mailer.db.posts_repo import get_post
-from mailer.delivery.dkim import signer_from_settings
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.smtp import SmtpPool, probe
 from mailer.errors import InputError
@@ -53,6 +54,8 @@ def send(
 ) -> None:
     """Send a post to every active reader in a segment, each exactly once."""
     config = settings()
+    from mailer.delivery.dkim import signer_from_settings  # cryptography: only where it signs
+
     signer_from_settings(config)  # a bad DKIM key stops here, before anything, not in a batch
     with db.session(engine()) as session:
         post = get_post(session, slug)
@@ -132,6 +135,8 @@ def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
     """Both variants to one address, marked "[Test]", outside the ledger."""
     composition = compose(post, Publication.from_settings(config), subject_prefix="[Test] ")
+    from mailer.delivery.dkim import signer_from_settings
+
     signer = Signer(config.secret_keys)
     dkim = signer_from_settings(config)
     recipient = Recipient(subscriber_id=0, email=address, name=None)
@@ -343,10 +348,7 @@ def pause(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
 @app.command()
 def resume(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Carry on a paused (or failed) send from where it stopped."""
-    with db.session(engine()) as session:
-        batches = sends.resume(session, send_id)
-    typer.echo(f"send {send_id} resumed")
-    _dispatch(settings(), send_id, batches, show_progress=True)
+    _set_going(send_id, sends.resume, "resumed")
 
 
 @app.command()
@@ -364,9 +366,14 @@ def start(
         f"send {send_id}: {info.title!r} to {info.recipients} readers, {info.status}: {when}"
     )
     _confirm("Send it now?", yes)
+    _set_going(send_id, sends.start, "started")
+
+
+def _set_going(send_id: int, change: Callable[[Session, int], list[int]], done: str) -> None:
+    """Move the send to ``sending`` with ``change``, then hand its batches out."""
     with db.session(engine()) as session:
-        batches = sends.start(session, send_id)
-    typer.echo(f"send {send_id} started")
+        batches = change(session, send_id)
+    typer.echo(f"send {send_id} {done}")
     _dispatch(settings(), send_id, batches, show_progress=True)
 
 
