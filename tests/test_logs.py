@@ -40,7 +40,8 @@ def test_json_logs_of_worker_beat_and_tracker(tmp_path: Path) -> None:
     (tmp_path / "post.md").write_text(POST)
     port = free_port()
     logs = {name: tmp_path / f"{name}.log" for name in ("worker", "beat", "tracker")}
-    celery = [str(BIN / "celery"), "--quiet", "-A", "worker.app"]
+    # `-A worker`, the usual Celery idiom, as well as `-A worker.app` elsewhere.
+    celery = [str(BIN / "celery"), "--quiet", "-A", "worker"]
     with RedisServer(tmp_path) as broker, serve() as smtp, Processes() as processes:
         env = environment(db_url, broker.url, smtp.settings().port, MAILER_LOG_FORMAT="json")
         # Printed before logging starts, and only to root (the image runs as a user).
