@@ -80,6 +80,9 @@ def test_json_logs_of_worker_beat_and_tracker(tmp_path: Path) -> None:
     worker_lines = lines(logs["worker"])
     assert {"time", "level", "logger", "message"} <= set(worker_lines[0])
     about_the_send = [line for line in worker_lines if line.get("send_id") == send_id]
+    assert [line["message"] for line in about_the_send if "started" in line["message"]] == [
+        f"send {send_id} (logged) started; batches: 1"
+    ]
     assert any("done" in line["message"] for line in about_the_send), worker_lines
     assert any("succeeded" in line["message"] for line in about_the_send), worker_lines
     assert lines(logs["beat"]) and lines(logs["tracker"])

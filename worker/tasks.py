@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from multiprocessing.sharedctypes import RawValue
 from typing import Any, ClassVar
 
+import redis
 from celery import Task, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 from sqlalchemy import Engine
@@ -32,6 +33,8 @@ RECONCILE_EVERY_S = 30.0
 # the main process sets it when a warm shutdown begins, and running batches hand over.
 _stopping = RawValue("b", 0)
 _runtime: Runtime | None = None
+_broker: redis.Redis | None = None
+ANNOUNCED = "mailer:announced:"  # + send id: the send's start was logged
 
 
 def runtime() -> Runtime:
@@ -75,6 +78,8 @@ def ping() -> str:
 def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
     """Deliver one batch; run it again when ``next_run`` says."""
     result = runtime().run_batch(send_id, batch_no)
+    if result.sent or result.deferred or result.failed:
+        _announce(send_id)
     again = next_run(result, interruptions=self.request.retries)
     shown = self.request.argsrepr  # the label enqueue gave it, kept by every next run
     if result.outcome == "interrupted":
@@ -90,6 +95,26 @@ def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
         "skipped": result.skipped,
         "unknown": result.unknown,
     }
+
+
+def _announce(send_id: int) -> None:
+    """Log "send N (slug) started" once, from whichever worker first mails one of its readers.
+
+    Whoever started it (the CLI, beat) may log elsewhere; the workers' logs say it too. Once per
+    send across every worker: a key set only if absent in the broker's Redis, kept for a day.
+    """
+    global _broker
+    try:
+        if _broker is None:
+            _broker = redis.Redis.from_url(str(app.conf.broker_url), socket_timeout=2)
+        if not _broker.set(f"{ANNOUNCED}{send_id}", 1, nx=True, ex=86_400):
+            return
+    except redis.RedisError:
+        return  # a log line is not worth failing a batch for
+    with db.session(runtime().engine) as session:
+        slug, batches = sends.slug_and_batch_count(session, send_id)
+    where = {"send_id": send_id}
+    log.info("send %s (%s) started; batches: %s", send_id, slug, batches, extra=where)
 
 
 # Acknowledged on receipt, so that its own message is not among the broker's unacknowledged.
