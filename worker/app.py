@@ -5,9 +5,13 @@ Start a worker with ``celery -A worker.app worker -E``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from typing import Any
 
+import celery.apps.worker
 from celery import Celery, current_task
 from celery.signals import after_setup_logger, after_setup_task_logger, beat_init
 
@@ -54,9 +58,18 @@ app.conf.update(
 def _log_format(logger: logging.Logger, **_: Any) -> None:
     if load_settings().log_format != "json":
         return
+    # Celery writes its shutdown notices straight to the terminal, outside its logging.
+    celery.apps.worker.safe_say = _say_as_json
     for handler in logger.handlers:
         handler.setFormatter(JsonFormatter())
         handler.addFilter(_name_the_batch)
+
+
+def _say_as_json(msg: str, f: Any = sys.__stderr__) -> None:
+    """Celery's ``safe_say`` (called in signal handlers: no locks), one JSON line instead."""
+    record = logging.makeLogRecord({"name": "celery.worker", "levelname": "INFO", "msg": msg})
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.write(f.fileno(), (JsonFormatter().format(record) + "\n").encode())
 
 
 def _name_the_batch(record: logging.LogRecord) -> bool:
