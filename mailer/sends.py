@@ -40,7 +40,7 @@ from mailer.db.models import (
     SubscriberRow,
     utcnow,
 )
-from mailer.delivery.ledger import MOVES, moved
+from mailer.delivery.ledger import MOVES, due, moved
 from mailer.errors import InputError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,8 @@ def _to_sending(
 
 def reschedule(session: Session, send_id: int, at: dt.datetime) -> None:
     """Move a send that has not started (scheduled, or missed) to ``at``."""
-    _transition(session, send_id, ("scheduled", "missed"), "scheduled", scheduled_at=at)
-    session.execute(update(SendRow).where(SendRow.id == send_id).values(finished_at=None))
+    allowed: tuple[SendStatus, ...] = ("scheduled", "missed")
+    _transition(session, send_id, allowed, "scheduled", scheduled_at=at, finished_at=None)
 
 
 def pause(session: Session, send_id: int) -> None:
@@ -285,19 +285,15 @@ def finish_if_done(session: Session, send_id: int) -> bool:
     if pending is not None:
         return False
     if _try_status(session, send_id, "sending", "done", finished_at=utcnow()):
-        counts = show(session, send_id).counts
-        shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-        log.info("%s done: %s", _named(session, send_id), shown, extra={"send_id": send_id})
+        info = show(session, send_id)
+        shown = ", ".join(f"{n} {state}" for state, n in info.counts.items() if n)
+        log.info("send %s (%s) done: %s", send_id, info.slug, shown, extra={"send_id": send_id})
     return True
 
 
 def _named(session: Session, send_id: int) -> str:
     """How logs name a send: its id and its post's slug."""
-    slug = session.scalar(
-        select(PostRow.slug)
-        .join(SendRow, SendRow.post_id == PostRow.id)
-        .where(SendRow.id == send_id)
-    )
+    _, slug, _ = with_post(session, send_id)
     return f"send {send_id} ({slug})"
 
 
@@ -401,15 +397,7 @@ def stalled_batches(session: Session, *, orphans: bool = False) -> list[tuple[in
         )
 
     stalled = (SendBatchRow.lease_until < now) & rows_where(DeliveryRow.state.in_(UNFINISHED))
-    orphaned = (
-        SendBatchRow.lease_owner.is_(None)
-        & rows_where(
-            (DeliveryRow.state == "queued")
-            | ((DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= now))
-        )
-        if orphans
-        else false()
-    )
+    orphaned = SendBatchRow.lease_owner.is_(None) & rows_where(due(now)) if orphans else false()
     return [
         (send_id, batch_no)
         for send_id, batch_no in session.execute(

@@ -14,12 +14,13 @@ handed to the server must be recorded if the database comes back at all.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -86,6 +87,13 @@ def moved(move: Move) -> ColumnElement[bool]:
     """The rows ``move`` may apply to (by their state)."""
     # Not IN (...): an expanding parameter cannot go into the writer's executemany.
     return or_(*(DeliveryRow.state == state for state in sorted(MOVES[move].sources)))
+
+
+def due(now: dt.datetime) -> ColumnElement[bool]:
+    """The rows to try at ``now``: queued ones, and deferred ones whose wait is over."""
+    return (DeliveryRow.state == "queued") | (
+        (DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= now)
+    )
 
 
 class LedgerUnavailable(TransientDeliveryError):
@@ -192,6 +200,13 @@ _RECORD: dict[Move, Update] = {
 }
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Retryable(Protocol[T_co]):
+    """One transaction's work, told whether an earlier try of it failed."""
+
+    def __call__(self, conn: Connection, *, retrying: bool) -> T_co: ...
 
 
 class SqlLedger:
@@ -241,20 +256,22 @@ class SqlLedger:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise LedgerUnavailable(f"ledger database: {reason}") from exc
 
-    def _patiently(self, work: Callable[[Connection], T], retried: Callable[[], None]) -> T:
-        """``_once``, retried with back-off for up to ``patience`` seconds."""
+    def _patiently(self, work: _Retryable[T]) -> T:
+        """``_once``, retried with back-off for up to ``patience`` seconds; ``work`` is told
+        whether an earlier try failed (its commit may or may not have happened)."""
         deadline = time.monotonic() + self.patience
         pause = 0.1
+        retrying = False
         while True:
             try:
-                return self._once(work)
+                return self._once(functools.partial(work, retrying=retrying))
             except LedgerUnavailable as exc:
                 if time.monotonic() + pause > deadline:
                     raise
                 log.warning("batch %s of send %s: %s; retrying", self.batch_no, self.send_id, exc)
                 self._sleep(pause)
                 pause = min(pause * 2, 2.0)
-                retried()
+                retrying = True
 
     def _batch(self) -> ColumnElement[bool]:
         return (SendBatchRow.send_id == self.send_id) & (SendBatchRow.batch_no == self.batch_no)
@@ -288,7 +305,7 @@ class SqlLedger:
         return self._once(work)
 
     def release(self) -> None:
-        self._patiently(lambda conn: conn.execute(_RELEASE, self._key), lambda: None)
+        self._patiently(lambda conn, *, retrying: conn.execute(_RELEASE, self._key))
 
     def reconcile_in_flight(self) -> int:
         """Rows left ``sending`` by a dead run: the server may have them, so never resend."""
@@ -338,10 +355,7 @@ class SqlLedger:
         )
 
         def work(conn: Connection) -> list[Candidate]:
-            due = (DeliveryRow.state == "queued") | (
-                (DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= utcnow())
-            )
-            return [Candidate(*row) for row in conn.execute(query.where(due))]
+            return [Candidate(*row) for row in conn.execute(query.where(due(utcnow())))]
 
         return self._once(work)
 
@@ -359,16 +373,15 @@ class SqlLedger:
     def flush(self, claims: Sequence[int], records: Sequence[Record], *, renew: bool) -> Flushed:
         """Write ``records``, claim ``claims`` and (if ``renew``) renew the lease, in one
         transaction, retried through database faults for up to ``patience`` seconds."""
-        retried = False
 
-        def work(conn: Connection) -> Flushed:
+        def work(conn: Connection, *, retrying: bool) -> Flushed:
             now = utcnow()
             self._record(conn, records, now)
             claimed: set[int] = set()
             if claims:
                 params = {**self._key, "ids": list(claims)}
                 claimed = set(conn.scalars(_CLAIM, params))
-                if retried:
+                if retrying:
                     claimed |= set(conn.scalars(_ALREADY_CLAIMED, params))
             if renew:
                 held = bool(
@@ -380,11 +393,7 @@ class SqlLedger:
             assert status is not None
             return Flushed(claimed, status, held)
 
-        def again() -> None:
-            nonlocal retried
-            retried = True
-
-        return self._patiently(work, again)
+        return self._patiently(work)
 
     def _record(self, conn: Connection, records: Sequence[Record], now: dt.datetime) -> None:
         by_move: dict[Move, list[Record]] = {}
