@@ -3,6 +3,8 @@
 PostgreSQL tests create a database of their own on the server at ``TEST_POSTGRES_URL``
 (default postgresql+psycopg://postgres@127.0.0.1:5432/test, used only as the admin
 connection) and drop it afterwards. Deselect them with ``-m "not postgres"``.
+Redis tests use numbered databases of the server at ``TEST_REDIS_SERVER`` (default
+127.0.0.1:6379; point it at a server of your own to run two suites side by side).
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from mailer import db
 ADMIN_URL = make_url(
     os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ).set(drivername="postgresql+psycopg")
+
+
+REDIS_HOST, _, _port = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379").rpartition(":")
+REDIS_PORT = int(_port)
+
+
+def redis_url(database: int) -> str:
+    """The URL of one of the test server's databases (never 0: others use it)."""
+    assert database != 0
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{database}"
 
 
 @pytest.fixture(scope="session")

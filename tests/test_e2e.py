@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import stripe
-from conftest import own_redis
+from conftest import own_redis, redis_url
 from smtp_servers import serve, wait_until
 from sqlalchemy import Engine, update
 
@@ -36,7 +36,7 @@ from mailer import db
 from mailer.db.models import DeliveryRow
 
 BIN = Path(sys.executable).parent
-BUFFER = "redis://127.0.0.1:6379/10"  # this suite's own Redis database; never 0
+BUFFER = redis_url(10)  # this suite's own Redis database
 WEBHOOK_SECRET = "whsec_e2e_test_secret"
 SITE = "https://news.example.com"
 POST = """---

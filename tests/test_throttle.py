@@ -1,6 +1,6 @@
 """Throttles: measured rates, back-off and recovery, sharing through the real Redis.
 
-Redis tests use database 13 of the server at 127.0.0.1:6379 and flush only that database.
+Redis tests use database 13 of the test server (conftest.redis_url) and flush only that one.
 Rates are kept small (10-40 messages/s) and the bounds tolerant: these are wall-clock tests.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from conftest import own_redis
+from conftest import REDIS_HOST, REDIS_PORT, own_redis, redis_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from smtp_servers import closed_port
@@ -36,7 +36,7 @@ PREFIX = "test:throttle:"
 
 @pytest.fixture
 def clean_redis() -> Iterator[None]:
-    with own_redis(f"redis://127.0.0.1:6379/{DB}"):
+    with own_redis(redis_url(DB)):
         yield
 
 
@@ -55,7 +55,7 @@ async def throttles(kind: str, workers: int = 1, **options: Any) -> AsyncIterato
         assert workers == 1, "a LocalThrottle shares nothing"
         yield [LocalThrottle(**options)]
         return
-    clients = [redis.asyncio.Redis(host="127.0.0.1", port=6379, db=DB) for _ in range(workers)]
+    clients = [redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB) for _ in range(workers)]
     try:
         yield [RedisThrottle(client, key_prefix=PREFIX, **options) for client in clients]
     finally:
@@ -184,7 +184,7 @@ def test_a_backoff_reaches_every_worker() -> None:
 @pytest.mark.usefixtures("clean_redis")
 def test_from_settings_keeps_state_in_the_broker_redis() -> None:
     environ = {
-        "MAILER_BROKER_URL": f"redis://127.0.0.1:6379/{DB}",
+        "MAILER_BROKER_URL": redis_url(DB),
         "MAILER_DOMAIN_LIMITS": "slow.example=10/s",
     }
     settings = load_settings(environ, env_file=None)
@@ -195,7 +195,7 @@ def test_from_settings_keeps_state_in_the_broker_redis() -> None:
         await throttle.backoff("busy.example")
 
     asyncio.run(run())
-    client = redis.Redis(host="127.0.0.1", port=6379, db=DB)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
     assert client.smembers("mailer:throttle:backoffs") == {b"busy.example"}
     client.close()
 
@@ -211,7 +211,7 @@ class CountingRedis(redis.asyncio.Redis):
 @pytest.mark.usefixtures("clean_redis")
 def test_no_redis_round_trip_for_an_unthrottled_domain() -> None:
     async def run() -> int:
-        client = CountingRedis(host="127.0.0.1", port=6379, db=DB)
+        client = CountingRedis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
         throttle = RedisThrottle(client, rate_limit=0, domain_limits=[("slow.example", 5)])
         for _ in range(1000):
             await throttle.acquire("fast.example")

@@ -1,6 +1,6 @@
 """The tracker over real HTTP (uvicorn), with the real Redis buffer, on SQLite and PostgreSQL.
 
-Redis tests use database 14 of the server at 127.0.0.1:6379 and flush only that database.
+Redis tests use database 14 of the test server (conftest.redis_url) and flush only that one.
 Apps run in a thread on a free port with the flusher's interval set to an hour, so events
 reach the database when the app stops (its last flush) or when a test flushes by hand.
 """
@@ -26,7 +26,7 @@ import httpx
 import pytest
 import redis
 import uvicorn
-from conftest import own_redis
+from conftest import own_redis, redis_url
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
@@ -56,7 +56,7 @@ from mailer.tracking.ingest import (
 )
 from mailer.tracking.tokens import Kind, Signer, Token
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 SECRET = "tracker-test-secret-0123456789"
 SITE = "https://news.example.com"
 ARTICLE = "https://example.org/articles/harbour?utm_source=mail"

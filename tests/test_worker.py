@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from conftest import own_redis
+from conftest import own_redis, redis_url
 from smtp_servers import Slow, serve, wait_until
 from sqlalchemy import Engine, select
 from workers import (
@@ -32,7 +32,7 @@ from mailer import db, sends
 from mailer.db.models import DeliveryRow, SubscriberRow
 
 BROKER_DB = 11  # this suite's own Redis database; never 0
-BROKER = f"redis://127.0.0.1:6379/{BROKER_DB}"
+BROKER = redis_url(BROKER_DB)
 POST = "---\ntitle: Killed Mid Batch\n---\n\nHello {{ name }}.\n"
 READERS = 120
 CONCURRENCY = 2
