@@ -29,7 +29,6 @@ from sqlalchemy import (
     Update,
     bindparam,
     func,
-    insert,
     or_,
     select,
     update,
@@ -43,12 +42,12 @@ from mailer.db.models import (
     SendRow,
     SendStatus,
     SendVariantRow,
-    SubscriberEventRow,
     SubscriberRow,
     Variant,
     utcnow,
 )
 from mailer.errors import TransientDeliveryError
+from mailer.subscribers.manage import change_status
 
 log = logging.getLogger(__name__)
 
@@ -416,25 +415,14 @@ class SqlLedger:
             )
         for record in by_move.get("failed", []):
             if record.bounce:
-                self._bounce(conn, record.row.subscriber_id, now)
-
-    def _bounce(self, conn: Connection, subscriber_id: int, now: dt.datetime) -> None:
-        changed = conn.execute(
-            update(SubscriberRow)
-            .where(SubscriberRow.id == subscriber_id, SubscriberRow.status == "active")
-            .values(status="bounced", updated_at=now)
-        ).rowcount
-        if changed:
-            conn.execute(
-                insert(SubscriberEventRow).values(
-                    subscriber_id=subscriber_id,
-                    kind="status_changed",
-                    old="active",
-                    new="bounced",
-                    at=now,
+                change_status(
+                    conn,
+                    record.row.subscriber_id,
+                    "bounced",
+                    sources=("active",),
                     send_id=self.send_id,
+                    at=now,
                 )
-            )
 
 
 def _is_fault(exc: DBAPIError) -> bool:

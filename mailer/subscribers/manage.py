@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Iterable
 from types import MappingProxyType
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import Connection, delete, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailer.db.models import (
@@ -153,6 +153,43 @@ def _change_status(session: Session, row: SubscriberRow, status: SubscriberStatu
         _record(session, row.id, STATUS_CHANGED, row.status, status, utcnow())
         row.status = status
         session.flush()
+
+
+def change_status(
+    conn: Connection,
+    subscriber_id: int,
+    status: SubscriberStatus,
+    *,
+    sources: Iterable[SubscriberStatus],
+    send_id: int | None,
+    at: dt.datetime,
+) -> bool:
+    """Move a reader named by id to ``status`` if they are in one of ``sources``, recording the
+    change (naming ``send_id``, the send it came from) in the caller's transaction.
+
+    Each try is a compare-and-set on the status, so two processes never record one change
+    twice. For the delivery ledger (a bounce at send time) and inbound mail (a bounce or a
+    complaint coming back). False when the reader was in none of ``sources``.
+    """
+    for old in sources:
+        changed = conn.execute(
+            update(SubscriberRow)
+            .where(SubscriberRow.id == subscriber_id, SubscriberRow.status == old)
+            .values(status=status, updated_at=at)
+        ).rowcount
+        if changed:
+            conn.execute(
+                insert(SubscriberEventRow).values(
+                    subscriber_id=subscriber_id,
+                    kind=STATUS_CHANGED,
+                    old=old,
+                    new=status,
+                    at=at,
+                    send_id=send_id,
+                )
+            )
+            return True
+    return False
 
 
 def erase(session: Session, email: str) -> bool:

@@ -435,7 +435,7 @@ class Flusher:
         """Insert a batch (entries already there are skipped); the number inserted."""
         try:
             with db.session(self.engine) as session:
-                return _write(session, batch)
+                return write_events(session, batch)
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise DatabaseError(
@@ -471,7 +471,10 @@ def flush_once(engine: Engine, buffer: Buffer, *, claim_idle: float = 0.0) -> in
         flusher.buffer.retire(flusher.consumer)
 
 
-def _write(session: Session, batch: Sequence[Entry]) -> int:
+def write_events(session: Session, batch: Sequence[Entry]) -> int:
+    """Insert a batch's events in ``session`` (those already there are skipped: their
+    ``ingest_key`` is), making the unsubscribes they carry; the number inserted. The
+    flusher's path, and inbound mail's for an unsubscribe by mail."""
     keyed = [pair for entry in batch for pair in entry.keyed()]
     sent = _sent_at(session, {(e.send_id, e.subscriber_id) for _, e in keyed})
     rows = [_row(key, event, sent) for key, event in keyed]
