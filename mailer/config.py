@@ -68,6 +68,9 @@ class Settings:
     dkim_key_file: str  # PEM, RSA 2048; read by delivery.dkim, not here
     dkim_ed25519_key_file: str  # optional second signature (RFC 8463)
     dkim_ed25519_selector: str  # empty: the RSA selector with "-ed25519" appended
+    feedback_address: str  # where complaint (ARF) reports come; default feedback@ From's domain
+    soft_bounce_limit: int  # soft bounces within soft_bounce_days that suppress a reader
+    soft_bounce_days: int
 
     @property
     def from_email(self) -> str:
@@ -80,6 +83,14 @@ def _text(value: str) -> str:
     if any(ch in value for ch in "\r\n\0"):
         raise ValueError("must not contain CR, LF or NUL")
     return value.strip()
+
+
+def _optional_email(value: str) -> str:
+    address = value.strip()
+    local, _, domain = address.rpartition("@")
+    if address and (not local or "." not in domain or any(ch in address for ch in " <>\r\n\0")):
+        raise ValueError("must be a bare address like feedback@example.com")
+    return address
 
 
 def _optional_word(value: str) -> str:
@@ -475,6 +486,28 @@ FIELDS: tuple[Field, ...] = (
         "",
         "Selector of the Ed25519 key (one key per selector); empty: SELECTOR-ed25519",
     ),
+    Field(
+        "MAILER_FEEDBACK_ADDRESS",
+        "feedback_address",
+        _optional_email,
+        "",
+        "Where complaint (ARF) reports come, for `mailer bounces serve`; empty: feedback@ the "
+        "From address's domain",
+    ),
+    Field(
+        "MAILER_SOFT_BOUNCE_LIMIT",
+        "soft_bounce_limit",
+        _int_between(1, 1000),
+        "3",
+        "A reader with this many soft bounces within MAILER_SOFT_BOUNCE_DAYS is no longer mailed",
+    ),
+    Field(
+        "MAILER_SOFT_BOUNCE_DAYS",
+        "soft_bounce_days",
+        _int_between(1, 3650),
+        "30",
+        "The window in which soft bounces are counted",
+    ),
 )
 
 
@@ -501,6 +534,9 @@ def load_settings(
             secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret", "metrics_token")
             shown = "" if secret else f" (got {raw!r})"
             raise ConfigError(f"{field.env}: {exc}{shown}") from None
+    if not parsed["feedback_address"]:
+        domain = parseaddr(parsed["from_address"])[1].rpartition("@")[2]
+        parsed["feedback_address"] = f"feedback@{domain}"
     settings = Settings(**parsed)
     _check_dkim(settings)
     return settings

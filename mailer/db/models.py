@@ -42,6 +42,9 @@ Variant = Literal["free", "paid"]
 DeliveryState = Literal["queued", "sending", "sent", "deferred", "failed", "unknown", "skipped"]
 TrackingKind = Literal["open", "click", "unsubscribe", "trial_started", "converted", "canceled"]
 Classification = Literal["human", "machine"]
+# What an inbound message (to the VERP path, the unsubscribe or the feedback address) was.
+InboundOutcome = Literal["hard", "soft", "complaint", "unsubscribe", "auto_reply", "unmatched"]
+BounceKind = Literal["hard", "soft", "complaint"]
 
 
 def utcnow() -> dt.datetime:
@@ -366,3 +369,36 @@ class BillingCustomerRow(Base):
     customer_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     subscriber_id: Mapped[int] = mapped_column(Id, ForeignKey("subscribers.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = _created()
+
+
+class InboundMessageRow(Base):
+    """Every inbound message handled, by a hash of its Message-ID: the second time, nothing."""
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (_one_of("outcome", get_args(InboundOutcome)),)
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    outcome: Mapped[InboundOutcome] = mapped_column(String(16))
+    received_at: Mapped[dt.datetime] = _created()
+
+
+class BounceEventRow(Base):
+    """A bounce or complaint that came back about a reader (and the send, when known).
+
+    Soft ones are counted against ``MAILER_SOFT_BOUNCE_LIMIT``; stats count readers per send.
+    """
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        _one_of("kind", get_args(BounceKind)),
+        Index(None, "subscriber_id", "kind", "at"),
+        Index(None, "send_id", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    kind: Mapped[BounceKind] = mapped_column(String(16))
+    subscriber_id: Mapped[int] = mapped_column(Id, ForeignKey("subscribers.id", ondelete="CASCADE"))
+    send_id: Mapped[int | None] = mapped_column(Id, ForeignKey("sends.id", ondelete="SET NULL"))
+    message_key: Mapped[str] = mapped_column(String(32))  # the inbound message it came in
+    status: Mapped[str | None] = mapped_column(String(64))  # 5.1.1, 4.2.0, abuse ...
+    at: Mapped[dt.datetime] = _created()
