@@ -14,7 +14,7 @@ import jinja2
 from markupsafe import Markup, escape
 
 from mailer.paths import TEMPLATES
-from mailer.stats import Counts, Hour, SendStats, percent
+from mailer.stats import COMPLAINT_LIMIT, Counts, Hour, SendStats, percent
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -36,6 +36,7 @@ class Card:
     label: str
     value: str
     note: str = ""
+    alert: bool = False  # drawn in red: something to act on
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def render_html(stats: SendStats, hours: Sequence[Hour], *, generated: dt.dateti
 
 
 def _cards(total: Counts) -> list[Card]:
+    over = total.complaints_over_limit
     return [
         Card("Sent", f"{total.sent:,}", f"of {total.recipients:,} recipients"),
         Card("Opened by people", percent(total.open_rate), f"{total.human_opens:,} readers"),
@@ -69,7 +71,15 @@ def _cards(total: Counts) -> list[Card]:
         Card("Converted to paid", f"{total.conversions:,}", percent(total.conversion_rate)),
         Card("Unsubscribed", f"{total.unsubscribes:,}"),
         Card("Machine opens only", f"{total.machine_opens:,}", "privacy proxies, scanners"),
-        Card("Failed", f"{total.failed:,}", f"{total.bounced:,} bounced"),
+        Card("Failed", f"{total.failed:,}", "refused or given up at send time"),
+        Card("Bounced", f"{total.bounced:,}", f"{total.soft_bounces:,} more bounced softly"),
+        Card(
+            "Spam complaints",
+            percent(total.complaint_rate),
+            f"{total.complaints:,} readers"
+            + (f"; over Gmail's {percent(COMPLAINT_LIMIT)} limit" if over else ""),
+            alert=over,
+        ),
     ]
 
 

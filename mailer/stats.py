@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from mailer.db.models import (
+    BounceEventRow,
     DeliveryRow,
     PostRow,
     SendRow,
@@ -41,6 +42,8 @@ from mailer.sends import with_post
 
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 TIMELINE_HOURS = 7 * 24  # the chart's span: nearly all opens come in the first days
+# Gmail's limit on the share of a sender's mail reported as spam: above it, mail is refused.
+COMPLAINT_LIMIT = 0.003
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ class Counts:
     recipients: int = 0  # ledger rows
     sent: int = 0
     failed: int = 0
-    bounced: int = 0  # failed with a hard bounce (a 5xx to RCPT or DATA)
+    bounced: int = 0  # a hard bounce: refused at send time (a 5xx to RCPT or DATA), or later
+    soft_bounces: int = 0  # readers whose message came back with a soft (4.x.x) bounce
+    complaints: int = 0  # readers who reported it as spam (an ARF report)
     unique_opens: int = 0  # any open, machine or human, or a human click
     human_opens: int = 0  # a human open or a human click
     machine_opens: int = 0  # machine opens only: nobody is known to have read it
@@ -71,6 +76,15 @@ class Counts:
     def conversion_rate(self) -> float:
         return _rate(self.conversions, self.sent)
 
+    @property
+    def complaint_rate(self) -> float:
+        # Six digits: the limit that matters is 0.3%, and one complaint in 30,000 shows.
+        return _rate(self.complaints, self.sent, 6)
+
+    @property
+    def complaints_over_limit(self) -> bool:
+        return self.complaints > COMPLAINT_LIMIT * self.sent
+
     def __add__(self, other: Counts) -> Counts:
         return Counts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
@@ -80,6 +94,7 @@ class Counts:
             "open_rate": self.open_rate,
             "click_rate": self.click_rate,
             "conversion_rate": self.conversion_rate,
+            "complaint_rate": self.complaint_rate,
         }
 
 
@@ -138,8 +153,8 @@ class Hour:
     clicks: int = 0  # human clicks
 
 
-def _rate(part: int, whole: int) -> float:
-    return round(part / whole, 4) if whole else 0.0
+def _rate(part: int, whole: int, digits: int = 4) -> float:
+    return round(part / whole, digits) if whole else 0.0
 
 
 def resolve(session: Session, ref: str) -> int:
@@ -176,6 +191,8 @@ def send_stats(session: Session, send_id: int) -> SendStats:
         numbers[variant].update(zip(_LEDGER, map(int, values), strict=True))
     for variant, *values in session.execute(_engagement(send_id)):
         numbers[variant].update(zip(_ENGAGEMENT, (int(v or 0) for v in values), strict=True))
+    for variant, *values in session.execute(_came_back(send_id)):
+        numbers[variant].update(zip(_CAME_BACK, (int(v or 0) for v in values), strict=True))
     return SendStats(
         send_id=send.id,
         slug=slug,
@@ -189,6 +206,7 @@ def send_stats(session: Session, send_id: int) -> SendStats:
 
 
 _LEDGER = ("recipients", "sent", "failed", "bounced")
+_CAME_BACK = ("soft_bounces", "complaints")
 _ENGAGEMENT = (
     "unique_opens",
     "human_opens",
@@ -212,7 +230,7 @@ def _ledger(send_id: int) -> Any:
             func.count(),
             _count_if(d.state == "sent"),
             _count_if(d.state == "failed"),
-            _count_if(and_(d.state == "failed", d.bounced)),
+            _count_if(d.bounced.is_(True)),  # at send time (failed) or since (a bounce came back)
         )
         .where(d.send_id == send_id)
         .group_by(d.variant)
@@ -261,6 +279,24 @@ def _engagement(send_id: int) -> Any:
             DeliveryRow,
             and_(DeliveryRow.send_id == send_id, DeliveryRow.subscriber_id == r.reader),
         )
+        .group_by(DeliveryRow.variant)
+    )
+
+
+def _came_back(send_id: int) -> Any:
+    """Per variant, readers whose message came back as a soft bounce or a complaint."""
+    b = BounceEventRow
+
+    def readers(kind: str) -> ColumnElement[int]:
+        return func.count(func.distinct(case((b.kind == kind, b.subscriber_id))))
+
+    return (
+        select(DeliveryRow.variant, readers("soft"), readers("complaint"))
+        .join(
+            DeliveryRow,
+            and_(DeliveryRow.send_id == send_id, DeliveryRow.subscriber_id == b.subscriber_id),
+        )
+        .where(b.send_id == send_id, b.kind.in_(("soft", "complaint")))
         .group_by(DeliveryRow.variant)
     )
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from test_cli import assert_one_error_line, mailer
 from typer.testing import CliRunner
 
 from mailer import db, subscribers
 from mailer.cli import app
 from mailer.db.models import (
+    BounceEventRow,
     DeliveryRow,
     DeliveryState,
     PostRow,
@@ -25,7 +26,7 @@ from mailer.db.models import (
     Variant,
 )
 from mailer.errors import NotFoundError
-from mailer.stats import Counts, Hour, resolve, send_stats, timeline
+from mailer.stats import Counts, Hour, SendStats, resolve, send_stats, timeline
 
 START = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
 KEYS = {
@@ -43,6 +44,9 @@ KEYS = {
     "open_rate",
     "click_rate",
     "conversion_rate",
+    "soft_bounces",
+    "complaints",
+    "complaint_rate",
 }
 
 HARD_BOUNCE = "550 5.1.1 No such user"  # delivery marks this one bounced, and no other
@@ -98,8 +102,10 @@ def sent(engine: Engine) -> Sent:
                     html_size=0,
                 )
             )
+        readers = []
         for n, (variant, state, reply, events) in enumerate(READERS):
             reader = subscribers.add(s, f"r{n}@example.com").id
+            readers.append(reader)
             s.add(
                 DeliveryRow(
                     send_id=send.id,
@@ -126,6 +132,23 @@ def sent(engine: Engine) -> Sent:
                                    classification="human", at=START))  # fmt: skip
         s.add(TrackingEventRow(kind="open", send_id=send.id, subscriber_id=999_999,
                                classification="human", at=START))  # fmt: skip  # not in the ledger
+        # What came back later (mailer bounces): a hard bounce of a message the server took,
+        # a soft bounce, complaints (one reader twice), and another send's soft bounce.
+        s.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.send_id == send.id, DeliveryRow.subscriber_id == readers[4])
+            .values(bounced=True)
+        )
+        for kind, n, send_id in [
+            ("hard", 4, send.id),
+            ("soft", 3, send.id),
+            ("soft", 2, older.id),
+            ("complaint", 2, send.id),
+            ("complaint", 5, send.id),
+            ("complaint", 5, send.id),
+        ]:
+            s.add(BounceEventRow(kind=kind, subscriber_id=readers[n], send_id=send_id,
+                                 message_key=f"{kind}{n}", at=START))  # fmt: skip
         return Sent(engine, send.id, test.id, older.id)
 
 
@@ -136,7 +159,9 @@ def test_numbers_overall_and_by_variant(sent: Sent) -> None:
         recipients=6,
         sent=4,
         failed=2,
-        bounced=1,  # the 550, not the refused sender
+        bounced=2,  # the 550 (not the refused sender), and one that came back later
+        soft_bounces=1,
+        complaints=1,
         unique_opens=3,  # click-only, machine-only, both
         human_opens=2,  # the click implies one; machine-only does not
         machine_opens=1,
@@ -150,6 +175,7 @@ def test_numbers_overall_and_by_variant(sent: Sent) -> None:
         sent=2,
         failed=1,
         bounced=0,  # gave up after 4xx: not a bounce
+        complaints=1,  # two reports of one reader
         unique_opens=2,
         human_opens=2,
         machine_opens=0,
@@ -161,6 +187,11 @@ def test_numbers_overall_and_by_variant(sent: Sent) -> None:
     total = found.total
     assert (total.recipients, total.sent, total.human_opens, total.unique_clicks) == (10, 6, 4, 2)
     assert (total.open_rate, total.click_rate, total.conversion_rate) == (0.6667, 0.3333, 0.1667)
+    assert (total.complaints, total.complaint_rate, total.complaints_over_limit) == (
+        2,
+        0.333333,
+        True,
+    )
     assert found.as_json()["subject"] == "The Harbour"
 
 
@@ -220,6 +251,7 @@ def test_cli_json_table_and_html(
     page = report.read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>") and "<svg" in page and "<polyline" in page
     assert "The Harbour" in page and "Free → trial → paid" in page
+    assert 'class="card alert"' in page and "over Gmail&#39;s 0.30% limit" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
     assert not re.search(r"<(script|link|img|iframe)\b|@import|url\(", page, re.I)
     assert [p.name for p in report.parent.iterdir()] == ["report.html"]  # no temp file left
@@ -236,3 +268,15 @@ def test_cli_errors_name_what_is_wrong(sent: Sent, db_url: str, tmp_path: Path) 
     assert_one_error_line(
         mailer(tmp_path, "stats", "harbour", "--html", str(tmp_path), **env), str(tmp_path)
     )
+
+
+@pytest.mark.parametrize(("complaints", "flagged"), [(0, False), (3, False), (4, True)])
+def test_the_report_flags_complaints_over_gmails_limit(complaints: int, flagged: bool) -> None:
+    from mailer.report import render_html
+
+    counts = Counts(recipients=1000, sent=1000, complaints=complaints)
+    found = SendStats(1, "s", "S", "S", "done", False, None, {"free": counts, "paid": Counts()})
+    assert found.as_json()["complaint_rate"] == complaints / 1000
+    page = render_html(found, [], generated=START)
+    assert ('class="card alert"' in page) == flagged
+    assert ("limit" in page) == flagged
