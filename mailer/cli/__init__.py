@@ -12,6 +12,7 @@ import gc
 import typer
 
 from mailer.cli import (
+    bounces,
     db,
     dkim,
     doctor,
@@ -48,6 +49,7 @@ app.command()(stats.stats)
 app.add_typer(tracker.app)
 app.command()(doctor.doctor)
 app.add_typer(dkim.app)
+app.add_typer(bounces.app)
 
 
 def main() -> None:
