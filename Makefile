@@ -43,8 +43,9 @@ demo: venv
 	$(BIN)/python examples/demo_send.py
 	$(BIN)/python examples/demo_track.py
 
-# Debian's docker-compose checks docker-compose.yml in the tests.
-TEST_TOOLS := /usr/bin/docker-compose
+# Debian's docker-compose checks docker-compose.yml in the tests; Postfix bounces a send back
+# to `mailer bounces serve` (test_postfix.py runs a private instance; the system's stays off).
+TEST_TOOLS := /usr/bin/docker-compose /usr/sbin/postfix
 
 test: venv lint $(TEST_TOOLS)
 	$(BIN)/pytest
@@ -66,8 +67,13 @@ APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 $(BENCH_TOOLS):
 	$(APT_INSTALL) postfix wrk nginx-light
 
-$(TEST_TOOLS):
+/usr/bin/docker-compose:
 	$(APT_INSTALL) docker-compose
+
+# Debian's package may start the system's Postfix (port 25) where services run: the tests
+# never use it.
+/usr/sbin/postfix:
+	$(APT_INSTALL) postfix
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var
