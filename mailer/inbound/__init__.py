@@ -46,7 +46,7 @@ from mailer.inbound.verdict import Ours, Verdict, judge
 from mailer.subscribers.manage import change_status
 from mailer.subscribers.model import lookup_key
 from mailer.tracking.ingest import Entry, Event, write_events
-from mailer.tracking.tokens import Signer
+from mailer.tracking.tokens import Signer, Token
 
 __all__ = ["Ours", "Policy", "Result", "Tally", "handle"]
 
@@ -130,6 +130,7 @@ class _Target:
     subscriber_id: int
     send_id: int | None  # None when the ledger has no row of this reader for the send
     outcome: InboundOutcome
+    token: Token | None = None  # the token that named the reader, if one did
 
 
 def _apply(session: Session, verdict: Verdict, policy: Policy, now: dt.datetime) -> Result:
@@ -160,7 +161,7 @@ def _targets(session: Session, verdict: Verdict) -> list[_Target]:
             )
         )
         send_id = token.send_id if in_ledger is not None else None
-        return [_Target(token.subscriber_id, send_id, verdict.outcome)]
+        return [_Target(token.subscriber_id, send_id, verdict.outcome, token)]
     if verdict.outcome == "unsubscribe":
         return []  # only the token says whom: anyone can write to the address
     keys = {lookup_key(address): outcome for address, outcome in verdict.addresses}
@@ -189,9 +190,9 @@ def _act(
 ) -> None:
     reader, send = target.subscriber_id, target.send_id
     if target.outcome == "unsubscribe":
-        token = verdict.tokens[0]
+        assert target.token is not None  # only a token names whom to unsubscribe
         event = Event(
-            "unsubscribe", token.send_id, reader, now.timestamp(), pending_unsubscribe=True
+            "unsubscribe", target.token.send_id, reader, now.timestamp(), pending_unsubscribe=True
         )
         write_events(session, [Entry(f"mail-{verdict.key}", (event,))])
         return
