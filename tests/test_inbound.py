@@ -17,8 +17,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 from test_cli import assert_one_error_line, mailer
 from workers import BIN, Processes, free_port
@@ -28,6 +31,7 @@ from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
     InboundMessageRow,
+    InboundOutcome,
     PostRow,
     SendRow,
     SubscriberEventRow,
@@ -45,6 +49,7 @@ SIGNER = Signer([SECRET])
 OURS = Ours(SIGNER, domain="example.com", feedback="feedback@example.com")
 POLICY = Policy(OURS, soft_bounce_limit=3, soft_bounce_days=30)
 NOW = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
+OUTCOMES = set(get_args(InboundOutcome))
 KEYS = ["processed", "hard", "soft", "complaints", "unsubscribes", "auto_replies", "unmatched"]
 
 # flufl.bounce's samples: (file, the addresses it reports, soft). As flufl.bounce's own tests
@@ -508,3 +513,18 @@ def _connect(port: int) -> smtplib.SMTP:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sample=st.sampled_from(sorted((DATA / "flufl").glob("*.txt")) + sorted(DATA.glob("*.eml"))),
+    cut=st.floats(0, 1),
+    junk=st.binary(max_size=200),
+)
+def test_any_mangled_message_gets_a_verdict_never_an_exception(
+    sample: Path, cut: float, junk: bytes
+) -> None:
+    raw = sample.read_bytes()
+    mangled = raw[: int(len(raw) * cut)] + junk + raw[int(len(raw) * cut) :]
+    assert judge(mangled, OURS).outcome in OUTCOMES
+    assert judge(junk, OURS, ["feedback@example.com"]).outcome in OUTCOMES

@@ -103,20 +103,15 @@ class Ours:
 
 def message_key(msg: Message, raw: bytes) -> str:
     """A hash of the Message-ID (the same however the message reached us), else of the bytes."""
-    message_id = (msg.get("message-id") or "").strip()
+    message_id = str(msg.get("message-id") or "").strip()
     seed = b"id:" + message_id.encode("utf-8", "replace") if message_id else b"raw:" + raw
     return hashlib.sha256(seed).hexdigest()[:32]
-
-
-def parse(raw: bytes) -> Message:
-    # compat32: lenient with broken headers, and what flufl.bounce's detectors expect.
-    return email.message_from_bytes(raw)
 
 
 def judge(raw: bytes, ours: Ours, recipients: Sequence[str] = ()) -> Verdict:
     """What the message ``raw`` is; ``recipients``: its envelope's (from SMTP), else the
     addresses it says it was delivered to are read from its headers."""
-    msg = parse(raw)
+    msg = email.message_from_bytes(raw)  # compat32: lenient, and what flufl.bounce expects
     key = message_key(msg, raw)
     addressed = list(recipients) or [
         address for _, address in getaddresses(_all(msg, DELIVERED_TO)) if address
@@ -219,9 +214,9 @@ def _failures(msg: Message) -> list[tuple[str, InboundOutcome, str]]:
         return []
     found: dict[str, InboundOutcome] = {}
     for raw in permanent:
-        found[raw.decode("ascii").lower()] = "hard"
+        found[raw.decode("utf-8", "replace").lower()] = "hard"
     for raw in temporary:
-        found.setdefault(raw.decode("ascii").lower(), "soft")
+        found.setdefault(raw.decode("utf-8", "replace").lower(), "soft")
     statuses = _dsn_statuses(msg)
     failures: list[tuple[str, InboundOutcome, str]] = []
     for address, outcome in found.items():
