@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench import (
     compose_bench,
     delivery_bench,
+    dkim_bench,
     import_bench,
     segments_bench,
     send_bench,
@@ -22,6 +23,7 @@ def main() -> None:
         *segments_bench.main(),
         # The send as the author sees it (issue 9): the headline delivery figures.
         *send_bench.main(),
+        *dkim_bench.main(),  # issue 11: signed against unsigned
         # Issue 4's method (PostgreSQL, to the last 250, fixed costs left out), kept for its
         # planning, memory and smtp-source figures.
         *delivery_bench.main(),

@@ -28,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from celery import Celery
 
@@ -86,11 +87,12 @@ def _readers_csv(path: Path, count: int) -> None:
             out.writerow([f"reader{i}@{DOMAINS[i % len(DOMAINS)]}", NAMES[i % len(NAMES)], tier])
 
 
-def _env(broker: str, sink: Sink) -> dict[str, str]:
+def _env(broker: str, sink: Sink, extra: Mapping[str, str]) -> dict[str, str]:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
         "MAILER_BROKER_URL": broker,
         "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",
+        **extra,
     }
 
 
@@ -113,11 +115,12 @@ def _worker(env: dict[str, str], folder: Path, broker: str) -> Iterator[subproce
         stop(process)
 
 
-def one_size(readers: int, sink: Sink) -> Result:
+def one_size(readers: int, sink: Sink, extra: Mapping[str, str] = MappingProxyType({})) -> Result:
+    """One send of ``readers`` and the loop around it; ``extra`` settings for the send."""
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="send_bench_")))
         broker = stack.enter_context(redis_server(folder))
-        env = _env(broker, sink)
+        env = _env(broker, sink, extra)
         settings = load_settings(env, env_file=None)
         post = parse_post(POST)
         composition = compose(post, Publication.from_settings(settings))

@@ -1,0 +1,99 @@
+"""DKIM's cost (issue 11): a whole send signed, against the same send unsigned, in one run.
+
+Target: signed throughput at least 0.7x unsigned. Each send is measured as in
+``send_bench`` (``mailer send --wait`` from start to exit, default settings, one worker with its
+default processes, Postfix's ``smtp-sink``), one after the other on the same sink: unsigned,
+signed with an RSA-2048 key (``MAILER_DKIM_KEY_FILE``), then with an Ed25519 key added
+(``MAILER_DKIM_ED25519_KEY_FILE``: two signatures per message). Also the cost of one signature
+of the pipeline's own message, in this process, for each key type.
+
+Readers from ``BENCH_DKIM_SIZE`` (default 20000), the post from ``BENCH_SEND_POST``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.delivery_bench import smtp_sink
+from bench.send_bench import POST, Row, one_size, print_row
+from mailer.compose import Publication, compose
+from mailer.config import load_settings
+from mailer.delivery.dkim import DkimKey, DkimSigner, generate_key, private_pem
+from mailer.delivery.personalise import Personaliser, Recipient
+from mailer.posts import parse_post
+from mailer.tracking.tokens import Signer
+
+SIZE = int(os.environ.get("BENCH_DKIM_SIZE", "20000"))
+TARGET = 0.7
+DOMAIN = "news.example.com"
+SIGNATURES = 300
+
+
+def _keys(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The settings of an RSA-signed send, and of one signed with Ed25519 as well."""
+    rsa_file, ed_file = folder / "dkim-rsa.pem", folder / "dkim-ed25519.pem"
+    rsa_file.write_bytes(private_pem(generate_key()))
+    ed_file.write_bytes(private_pem(generate_key(ed25519_key=True)))
+    rsa = {
+        "MAILER_DKIM_DOMAIN": DOMAIN,
+        "MAILER_DKIM_SELECTOR": "bench",
+        "MAILER_DKIM_KEY_FILE": str(rsa_file),
+    }
+    return rsa, {**rsa, "MAILER_DKIM_ED25519_KEY_FILE": str(ed_file)}
+
+
+def signature_cost(ed25519_key: bool) -> float:
+    """Microseconds to sign the pipeline's paid message once with one key of that type."""
+    settings = load_settings({}, env_file=None)
+    composition = compose(parse_post(POST), Publication.from_settings(settings))
+    message = Personaliser(
+        composition.paid,
+        send_id=1,
+        signer=Signer(settings.secret_keys),
+        tracker_url=settings.tracker_url,
+    ).personalise(Recipient(1, "reader1@gmail.com", "Ana Lima"))
+    key = DkimKey(DOMAIN, "bench", generate_key(ed25519_key))
+    signer = DkimSigner([key])
+    start = time.perf_counter()
+    for _ in range(SIGNATURES):
+        signer.sign(message)
+    return (time.perf_counter() - start) / SIGNATURES * 1e6
+
+
+def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    out: list[Row] = []
+
+    def add(row: Row) -> None:
+        report(row)
+        out.append(row)
+
+    for ed25519_key, name in ((False, "RSA-2048"), (True, "Ed25519")):
+        add((f"one DKIM signature, {name} (us)", signature_cost(ed25519_key), "this process"))
+    with ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dkim_bench_")))
+        sink = stack.enter_context(smtp_sink(folder))
+        rsa, both = _keys(folder)
+        unsigned = one_size(SIZE, sink)
+        add((f"`mailer send --wait`, {SIZE:,} readers, unsigned (msg/s)", unsigned.rate, ""))
+        for extra, label in ((rsa, "signed, RSA-2048"), (both, "signed, RSA-2048 + Ed25519")):
+            signed = one_size(SIZE, sink, extra)
+            ratio = signed.rate / unsigned.rate
+            verdict = "met" if ratio >= TARGET else "missed"
+            add(
+                (
+                    f"`mailer send --wait`, {SIZE:,} readers, {label} (msg/s)",
+                    signed.rate,
+                    f"{ratio:.3g}x unsigned, target >= {TARGET}: {verdict}; worker CPU "
+                    f"{signed.worker_us:.0f} us/msg (unsigned {unsigned.worker_us:.0f})",
+                )
+            )
+    return out
+
+
+if __name__ == "__main__":
+    main(print_row)
