@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import httpx
 import pytest
 import redis
 import uvicorn
-from conftest import own_redis, redis_url
+from conftest import dev_env, own_redis, redis_url
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
@@ -383,7 +382,7 @@ def test_events_arriving_while_the_database_is_down_are_written_later(
 
 def test_sigterm_makes_the_served_tracker_write_its_buffer(world: World, tmp_path: Path) -> None:
     port = closed_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env = dev_env()
     env |= {
         "MAILER_DATABASE_URL": world.db_url,
         "MAILER_BROKER_URL": REDIS_URL,
