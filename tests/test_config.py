@@ -65,7 +65,8 @@ def test_rates_durations_and_domain_limits() -> None:
 
 
 def test_postgres_urls_use_psycopg() -> None:
-    url = load_settings({**DEV, "MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None).database_url
+    settings = load_settings({**DEV, "MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None)
+    url = settings.database_url
     assert url == "postgresql+psycopg://u@h/db"
 
 
@@ -78,7 +79,8 @@ def test_sizes() -> None:
 
 
 def test_secret_keys_rotate() -> None:
-    settings = load_settings({**DEV, "MAILER_SECRET_KEY": "new-key-0123456789, old-key-0123456789"}, None)
+    keys = "new-key-0123456789, old-key-0123456789"
+    settings = load_settings({**DEV, "MAILER_SECRET_KEY": keys}, None)
     assert settings.secret_keys == ("new-key-0123456789", "old-key-0123456789")
 
 

@@ -74,7 +74,7 @@ def test_the_database_url_comes_from_env_and_flower_needs_a_password(tmp_path: P
 
 
 def test_the_example_env_is_valid_settings_once_its_key_is_filled_in(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="MAILER_SECRET_KEY: .*`mailer secret`"):
+    with pytest.raises(ConfigError, match=r"MAILER_SECRET_KEY: .*`mailer secret`"):
         load_settings({}, env_file=ROOT / ".env.example")
     env_file = tmp_path / ".env"
     env_file.write_text(filled_in((ROOT / ".env.example").read_text()))

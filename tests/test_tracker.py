@@ -46,6 +46,7 @@ from mailer.errors import DatabaseError
 from mailer.metrics import render
 from mailer.subscribers import manage
 from mailer.tracking.app import PIXEL, StripeWebhook, create_app
+from mailer.tracking.http import HeaderLimited
 from mailer.tracking.ingest import (
     STREAM,
     Event,
@@ -153,7 +154,9 @@ def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> ASGIApp:
 @contextlib.contextmanager
 def running(app: ASGIApp) -> Iterator[httpx.Client]:
     """``app`` under uvicorn in a thread; stopping it runs the lifespan's last flush."""
-    config = uvicorn.Config(app, port=0, log_level="warning", proxy_headers=False)
+    config = uvicorn.Config(
+        app, port=0, log_level="warning", proxy_headers=False, http=HeaderLimited
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -19,8 +19,8 @@ from mailer.cli import (
     doctor,
     posts,
     preview,
-    segments,
     secret,
+    segments,
     sends,
     stats,
     subscribers,
@@ -66,7 +66,7 @@ def main() -> None:
     except Exception as exc:
         # A bug: the user gets one line, and the traceback when they ask for it.
         if debug_requested():
-            traceback.print_exc()
+            typer.echo(masked(traceback.format_exc()).rstrip("\n"), err=True)
         text = masked(" ".join(str(exc).split()))
         shown = text[:UNEXPECTED_SHOWN] + ("..." if len(text) > UNEXPECTED_SHOWN else "")
         hint = "" if debug_requested() else "; MAILER_DEBUG=1 shows the traceback"
