@@ -85,7 +85,9 @@ def test_the_built_in_or_a_short_key_is_refused_outside_dev() -> None:
 def test_every_process_refuses_the_built_in_key(command: list[str], tmp_path: Path) -> None:
     (tmp_path / "post.md").write_text(POST)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    done = subprocess.run(command, cwd=tmp_path, env=clean, capture_output=True, text=True)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: MAILER_SECRET_KEY: the built-in development key")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

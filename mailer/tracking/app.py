@@ -338,7 +338,7 @@ class _BodyLimit:
                     answer = PlainTextResponse("bad Content-Length\n", status_code=400)
                     await answer(scope, receive, send)
                     return
-                if int(value) > self.limit:
+                if len(value) > 18 or int(value) > self.limit:  # a length of 19+ digits: absurd
                     await _too_large()(scope, receive, send)
                     return
         await self.app(scope, receive, send)

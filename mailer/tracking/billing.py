@@ -115,11 +115,11 @@ def handle_stripe(
 
 
 def _timestamp(signature: str) -> int:
-    """The ``t=`` of a header that verified (the first one, as the stripe library reads it)."""
+    """The ``t=`` of a header that verified, read as the stripe library reads it."""
     for item in signature.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "t":
-            return int(value)
+        parts = item.split("=", 2)
+        if parts[0] == "t":
+            return int(parts[1])  # it verified: it is a number
     return 0
 
 
