@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 DEMO_POST := examples/posts/the-quiet-harbour.md
 DEMO_SLUG := the-quiet-harbour
 
+# The demo signs its links with the built-in development key, which only MAILER_ENV=dev allows.
+demo: export MAILER_ENV ?= dev
 demo: venv
 	$(BIN)/mailer db upgrade
 	$(BIN)/mailer posts add $(DEMO_POST)

@@ -256,6 +256,7 @@ def mailer_env(
 ) -> dict[str, str]:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+        "MAILER_ENV": "dev",  # the built-in signing key: these mails go to a sink
         "MAILER_DATABASE_URL": url,
         "MAILER_BROKER_URL": broker,
         "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",

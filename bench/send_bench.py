@@ -90,6 +90,7 @@ def _readers_csv(path: Path, count: int) -> None:
 def _env(broker: str, sink: Sink, extra: Mapping[str, str]) -> dict[str, str]:
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+        "MAILER_ENV": "dev",  # the built-in signing key: these mails go to a sink
         "MAILER_BROKER_URL": broker,
         "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",
         **extra,

@@ -225,6 +225,7 @@ def main() -> list[Row]:
         broker = stack.enter_context(redis_server(folder))
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+            "MAILER_ENV": "dev",  # the built-in signing key: these pixels are ours
             "MAILER_DATABASE_URL": url,
             "MAILER_BROKER_URL": broker,
         }

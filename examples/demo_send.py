@@ -19,7 +19,7 @@ import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailer.config import load_settings
+from mailer.config import load_settings, masked
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ def main() -> int:
     try:
         print(f"capture SMTP server on 127.0.0.1:{controller.port}, saving to {OUTBOX}")
         if broker_answers(settings.broker_url):
-            print(f"broker {settings.broker_url} answers: starting a real Celery worker")
+            print(f"broker {masked(settings.broker_url)} answers: starting a real Celery worker")
             worker = subprocess.Popen(
                 [
                     str(BIN / "celery"),
@@ -94,7 +94,7 @@ def main() -> int:
             )
             wait_for_worker()
         else:
-            print(f"broker {settings.broker_url} does not answer: delivering in-process")
+            print(f"broker {masked(settings.broker_url)} does not answer: delivering in-process")
         sent = subprocess.run(
             [str(BIN / "mailer"), "send", SLUG, "--segment", "all", "--yes", "--wait"],
             env=env,

@@ -30,7 +30,7 @@ import httpx
 import redis
 import stripe
 
-from mailer.config import load_settings
+from mailer.config import load_settings, masked
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -136,7 +136,9 @@ def main() -> int:
     try:
         redis.Redis.from_url(settings.broker_url, socket_connect_timeout=0.5).ping()
     except (redis.RedisError, OSError, ValueError):
-        print(f"broker {settings.broker_url} does not answer: the tracker buffers in memory")
+        print(
+            f"broker {masked(settings.broker_url)} does not answer: the tracker buffers in memory"
+        )
         env["MAILER_BROKER_URL"] = "memory://"
 
     print(f"tracker on {settings.tracker_url}")

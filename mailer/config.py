@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from email.utils import formataddr, parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -21,6 +21,9 @@ from dotenv import dotenv_values
 from mailer.errors import ConfigError
 
 PREFIX = "MAILER_"
+DEV_SECRET_KEY = "dev-only-secret-change-me"  # public: signs nothing outside MAILER_ENV=dev
+MIN_KEY_BYTES = 32  # outside dev: 256 bits, HMAC-SHA256's own key size
+Secret = Literal["url", "whole"] | None  # how a setting is masked: its password, or all of it
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class SmtpSettings:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # kept out of logged reprs
     implicit_tls: bool = False
     starttls: bool = False
 
@@ -71,10 +74,28 @@ class Settings:
     feedback_address: str  # where complaint (ARF) reports come; default feedback@ From's domain
     soft_bounce_limit: int  # soft bounces within soft_bounce_days that suppress a reader
     soft_bounce_days: int
+    env: str  # "production", or "dev": the built-in and short signing keys are allowed
+    debug: bool  # a command's unexpected error prints its traceback
+    tracker_max_body: int  # bytes: a larger request body is refused with 413 unread
+    post_max_size: int  # bytes of a post file; larger ones are refused
 
     @property
     def from_email(self) -> str:
         return parseaddr(self.from_address)[1]
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: every secret is masked, as in messages.
+        secret = {f.attr: f.secret for f in FIELDS}
+        parts = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            kind = secret.get(item.name)
+            if kind == "url" and isinstance(value, str):
+                value = masked(value)
+            elif kind == "whole" and value:
+                value = "***"
+            parts.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
 
 
 def _text(value: str) -> str:
@@ -101,12 +122,16 @@ def _optional_word(value: str) -> str:
 
 def _database_url(value: str) -> str:
     scheme = value.split(":", 1)[0].lower()
-    # Users write the URL their other tools take; we always talk to PostgreSQL through psycopg 3.
-    if scheme in ("postgres", "postgresql"):
-        return "postgresql+psycopg:" + value.split(":", 1)[1]
-    if scheme.startswith("sqlite") or scheme == "postgresql+psycopg":
+    if scheme.startswith("sqlite"):
         return value
-    raise ValueError("must start with sqlite:/// or postgresql://")
+    if scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+        raise ValueError("must start with sqlite:/// or postgresql://")
+    try:
+        urlsplit(value).port  # noqa: B018 -- parsing it is the check
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    # Users write the URL their other tools take; we always talk to PostgreSQL through psycopg 3.
+    return "postgresql+psycopg:" + value.split(":", 1)[1]
 
 
 def _broker_url(value: str) -> str:
@@ -166,8 +191,41 @@ def _http_url(value: str) -> str:
 def _secret_keys(value: str) -> tuple[str, ...]:
     keys = tuple(k.strip() for k in value.split(","))
     if not keys or any(len(k) < 16 for k in keys):
-        raise ValueError("each comma-separated key must be at least 16 characters")
+        raise ValueError(
+            "each comma-separated key must be at least 16 characters"
+            f" ({MIN_KEY_BYTES} bytes outside MAILER_ENV=dev; `mailer secret` prints one)"
+        )
     return keys
+
+
+def masked(text: str) -> str:
+    """``text`` (a URL, or a message with URLs in it) as it may appear in messages, logs and
+    ``--json``: every password in a URL is ``***``."""
+    text = _USERINFO_PASSWORD.sub(r"\1***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+# scheme://user:PASSWORD@ (to the last @ before any query: a password may hold an unescaped @)
+_USERINFO_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^/?#@:\s]*:)[^?#\s]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pass|pwd|secret|token)=)[^&#]*", re.I)
+
+
+def _env(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("dev", "production"):
+        raise ValueError("must be production or dev")
+    return text
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+def _size(value: str) -> int:
+    """Bytes from '1048576', '512KB', '1MB' or '2 MB' (K, M and G are 1024-based)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?b)?\s*", value, re.IGNORECASE)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError("must be a positive size such as 512KB, 1MB or 1048576 (bytes)")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
 
 
 def _bool(value: str) -> bool:
@@ -252,15 +310,31 @@ class Field:
     parse: Callable[[str], Any]
     default: str
     help: str
+    secret: Secret = None  # never shown whole: in messages, logs, reprs and --json
 
 
 FIELDS: tuple[Field, ...] = (
+    Field(
+        "MAILER_ENV",
+        "env",
+        _env,
+        "production",
+        "dev allows the built-in and short signing keys, for development only",
+    ),
+    Field(
+        "MAILER_DEBUG",
+        "debug",
+        _bool,
+        "false",
+        "A command's unexpected error prints its traceback (else one error line)",
+    ),
     Field(
         "MAILER_DATABASE_URL",
         "database_url",
         _database_url,
         "sqlite:///var/mailer.db",
         "SQLAlchemy URL: SQLite file (WAL mode) or postgresql://user@host/db",
+        secret="url",
     ),
     Field(
         "MAILER_BROKER_URL",
@@ -268,6 +342,7 @@ FIELDS: tuple[Field, ...] = (
         _broker_url,
         "redis://127.0.0.1:6379/0",
         "Celery broker (Redis)",
+        secret="url",
     ),
     Field(
         "MAILER_SMTP_URL",
@@ -275,6 +350,7 @@ FIELDS: tuple[Field, ...] = (
         _smtp_url,
         "smtp://127.0.0.1:2525",
         "smtp://user:pass@host:port; smtps:// for implicit TLS; ?starttls=true for STARTTLS",
+        secret="url",
     ),
     Field(
         "MAILER_FROM",
@@ -315,8 +391,10 @@ FIELDS: tuple[Field, ...] = (
         "MAILER_SECRET_KEY",
         "secret_keys",
         _secret_keys,
-        "dev-only-secret-change-me",
-        "Comma-separated signing keys; the first signs, all verify (rotation)",
+        DEV_SECRET_KEY,
+        "Comma-separated signing keys, 32+ bytes each (`mailer secret` prints one); the first"
+        " signs, all verify (rotation)",
+        secret="whole",
     ),
     Field(
         "MAILER_SMTP_CONCURRENCY",
@@ -415,6 +493,7 @@ FIELDS: tuple[Field, ...] = (
         _optional_secret,
         "",
         "Stripe webhook signing secret (whsec_...); empty: webhooks are refused",
+        secret="whole",
     ),
     Field(
         "MAILER_METRICS_TOKEN",
@@ -422,6 +501,7 @@ FIELDS: tuple[Field, ...] = (
         _optional_secret,
         "",
         "Bearer token the tracker's /metrics requires; empty: /metrics answers anyone",
+        secret="whole",
     ),
     Field(
         "MAILER_LOG_FORMAT",
@@ -450,6 +530,20 @@ FIELDS: tuple[Field, ...] = (
         _bool,
         "false",
         "Behind a reverse proxy: take the reader's address from X-Forwarded-For",
+    ),
+    Field(
+        "MAILER_TRACKER_MAX_BODY",
+        "tracker_max_body",
+        _size,
+        "1MB",
+        "The tracker answers 413, unread, to a request body larger than this",
+    ),
+    Field(
+        "MAILER_POST_MAX_SIZE",
+        "post_max_size",
+        _size,
+        "2MB",
+        "A post file larger than this is refused",
     ),
     Field(
         "MAILER_DKIM_DOMAIN",
@@ -515,31 +609,65 @@ def load_settings(
     environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
 ) -> Settings:
     """Build the settings: the environment wins over ``.env``, which wins over the defaults."""
-    values: dict[str, str] = {}
-    if env_file is not None and env_file.is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    values.update(os.environ if environ is None else environ)
+    values = _values(environ, env_file)
     known = {f.env for f in FIELDS}
     # A misspelt variable would otherwise be ignored without a word.
     unknown = sorted(k for k in values if k.startswith(PREFIX) and k not in known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
     parsed: dict[str, Any] = {}
-    for field in FIELDS:
-        raw = values.get(field.env, field.default)
+    for field_ in FIELDS:
+        raw = values.get(field_.env, field_.default)
         try:
-            parsed[field.attr] = field.parse(raw)
+            parsed[field_.attr] = field_.parse(raw)
         except ValueError as exc:
-            # Never echo a secret back: keys and SMTP passwords end up in logs.
-            secret = field.attr in ("secret_keys", "smtp", "stripe_webhook_secret", "metrics_token")
-            shown = "" if secret else f" (got {raw!r})"
-            raise ConfigError(f"{field.env}: {exc}{shown}") from None
+            # Never echo a secret back: keys and passwords end up in logs.
+            shown = {None: f" (got {raw!r})", "url": f" (got {masked(raw)!r})", "whole": ""}
+            raise ConfigError(f"{field_.env}: {exc}{shown[field_.secret]}") from None
     if not parsed["feedback_address"]:
         domain = parseaddr(parsed["from_address"])[1].rpartition("@")[2]
         parsed["feedback_address"] = f"feedback@{domain}"
     settings = Settings(**parsed)
+    _check_secret_keys(settings)
     _check_dkim(settings)
     return settings
+
+
+def debug_requested(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> bool:
+    """``MAILER_DEBUG``, read on its own: the CLI asks when the other settings may be broken."""
+    try:
+        return _bool(_values(environ, env_file).get("MAILER_DEBUG", "false"))
+    except ValueError:
+        return False
+
+
+def _values(environ: Mapping[str, str] | None, env_file: Path | None) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    return values
+
+
+def _check_secret_keys(settings: Settings) -> None:
+    """Outside development, refuse a key anyone could know or guess: it forges every token."""
+    if settings.env == "dev":
+        return
+    make_one = "`mailer secret` prints a new random key"
+    for key in settings.secret_keys:
+        if key == DEV_SECRET_KEY:
+            raise ConfigError(
+                "MAILER_SECRET_KEY: the built-in development key is public, so anyone could "
+                f"forge opens, clicks and unsubscribes; set your own ({make_one}), or "
+                "MAILER_ENV=dev on a development machine"
+            )
+        if len(key.encode()) < MIN_KEY_BYTES:
+            raise ConfigError(
+                f"MAILER_SECRET_KEY: each key must be at least {MIN_KEY_BYTES} bytes "
+                f"outside MAILER_ENV=dev ({make_one})"
+            )
 
 
 def _check_dkim(settings: Settings) -> None:

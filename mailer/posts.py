@@ -6,6 +6,7 @@ import datetime as dt
 import difflib
 import re
 import unicodedata
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -35,6 +36,7 @@ class Post:
         return self.free_body is not None
 
 
+MAX_BYTES = 2 * 1024 * 1024  # MAILER_POST_MAX_SIZE's default
 _KNOWN_FIELDS = ("title", "subtitle", "author", "date", "slug", "audience", "preheader")
 _SLUG_MAX = 80
 _SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -42,13 +44,22 @@ _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 
 
-def parse_post(path: Path) -> Post:
-    """Read and parse a post file; raise PostError naming the file and the field."""
+def parse_post(path: Path, max_bytes: int = MAX_BYTES) -> Post:
+    """Read and parse a post file; raise PostError naming the file and the field.
+
+    A file over ``max_bytes`` is refused unread: rendering and sending it would take minutes
+    and gigabytes (a 20 MB post made a 42 MB email).
+    """
     source = str(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)  # not stat(): a pipe has no size
     except OSError as exc:
         raise PostError(f"{source}: cannot read file: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise PostError(
+            f"{source}: larger than {_bytes(max_bytes)}; split it, or raise MAILER_POST_MAX_SIZE"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -58,6 +69,13 @@ def parse_post(path: Path) -> Post:
             " save the file as UTF-8"
         ) from exc
     return parse_post_text(text, source)
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("MB", 1024**2), ("KB", 1024)):
+        if size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size:,} bytes"
 
 
 def parse_post_text(text: str, source: str) -> Post:
@@ -114,6 +132,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a list or a mapping written as a field name
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "a field name must be a word, not a list or mapping",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"field {key!r} appears twice", key_node.start_mark

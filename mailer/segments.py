@@ -64,9 +64,13 @@ __all__ = [
 TIERS: tuple[Tier, ...] = get_args(Tier)
 Comparison = Literal[">", ">=", "<", "<="]
 
-# Bounds that keep the parser's and SQLAlchemy's recursion far from Python's limit.
+# Bounds that keep the parser's and SQLAlchemy's recursion far from Python's limit, and the
+# SQL far from SQLite's (1,000 terms deep, which ~1,000 ORs reach) and from minutes of work.
 MAX_DEPTH = 20  # nested parentheses and NOTs in one expression
 MAX_REF_DEPTH = 10  # saved segments referring to saved segments
+MAX_LENGTH = 10_000  # characters of one expression
+MAX_TERMS = 100  # filters, `all` and @names, saved segments counted where they are used
+MAX_VALUES = 1_000  # comma-separated values of all the filters, counted likewise
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _NAME_MAX = 100  # SegmentRow.name
@@ -234,7 +238,25 @@ def _items(text: str, i: int) -> tuple[tuple[_Item, ...], int]:
 
 def parse(expr: str) -> Segment:
     """The AST of ``expr``; raise ``SegmentError`` pointing at the column of the first problem."""
+    if len(expr) > MAX_LENGTH:
+        raise _error(f"longer than {MAX_LENGTH:,} characters", MAX_LENGTH + 1)
     return _Parser(expr).parse()
+
+
+class _Size:
+    """Counts the terms and values of an expression as it is read, within the bounds."""
+
+    def __init__(self) -> None:
+        self.terms = 0
+        self.values = 0
+
+    def add(self, values: int, column: int, where: str = "") -> None:
+        self.terms += 1
+        self.values += values
+        if self.terms > MAX_TERMS:
+            raise _error(f"more than {MAX_TERMS} terms{where}", column, "save fewer, broader ones")
+        if self.values > MAX_VALUES:
+            raise _error(f"more than {MAX_VALUES:,} values{where}", column)
 
 
 class _Parser:
@@ -242,6 +264,7 @@ class _Parser:
         self.tokens = _tokens(text)
         self.pos = 0
         self.depth = 0
+        self.size = _Size()
 
     def parse(self) -> Segment:
         if self._peek().kind == "end":
@@ -298,6 +321,8 @@ class _Parser:
 
     def _atom(self) -> Segment:
         token = self._next()
+        if token.kind in ("all", "ref", "filter"):
+            self.size.add(len(token.items), token.column)
         match token.kind:
             case "(":
                 self._descend(token)
@@ -438,6 +463,7 @@ class _Compiler:
         self.session = session
         self.pending = pending or {}  # a definition being saved, taking the stored one's place
         self.saved: dict[str, str] | None = None  # loaded at the first @name
+        self.size = _Size()  # with saved segments expanded
         # Measured over 1M readers: SQLite runs ``id IN (SELECT ...)`` once into a temporary
         # index, faster than EXISTS under AND, OR and NOT alike. PostgreSQL plans both alike
         # under AND, but cannot hash a large IN list under NOT or OR and falls back to a
@@ -450,10 +476,13 @@ class _Compiler:
         """``chain``: the saved segments being expanded; ``at``: column of the outermost @name."""
         match node:
             case Everyone():
+                self._count(0, at)
                 return true()
             case TierIn(tiers):
+                self._count(len(tiers), at)
                 return SubscriberRow.tier.in_(tiers)
             case TagIn(tags):
+                self._count(len(tags), at)
                 tagged = SubscriberTagRow.tag.in_(tags)
                 if self.correlated_tags:
                     return exists().where(
@@ -461,8 +490,10 @@ class _Compiler:
                     )
                 return SubscriberRow.id.in_(select(SubscriberTagRow.subscriber_id).where(tagged))
             case DomainIn(domains):
+                self._count(len(domains), at)
                 return SubscriberRow.domain.in_(domains)
             case Joined():
+                self._count(1, at)
                 return _joined_clause(node)
             case SavedRef():
                 return self._saved(node, chain, node.column if at is None else at)
@@ -474,6 +505,10 @@ class _Compiler:
                 return or_(*(self.compile(o, chain, at) for o in operands))
             case _:
                 assert_never(node)
+
+    def _count(self, values: int, at: int | None) -> None:
+        # Without a saved segment the parser counted the same: only an expansion can go over.
+        self.size.add(values, at or 1, " with saved segments expanded")
 
     def _saved(self, ref: SavedRef, chain: tuple[str, ...], at: int) -> ColumnElement[bool]:
         if ref.name in chain:

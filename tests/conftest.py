@@ -5,6 +5,9 @@ PostgreSQL tests create a database of their own on the server at ``TEST_POSTGRES
 connection) and drop it afterwards. Deselect them with ``-m "not postgres"``.
 Redis tests use numbered databases of the server at ``TEST_REDIS_SERVER`` (default
 127.0.0.1:6379; point it at a server of your own to run two suites side by side).
+
+The tests run in development mode (``MAILER_ENV=dev``: the built-in signing key is allowed);
+helpers that run a command with a clean environment set it again (``dev_env``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ from mailer import db
 ADMIN_URL = make_url(
     os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ).set(drivername="postgresql+psycopg")
+
+
+DEV = {"MAILER_ENV": "dev"}
+os.environ.update(DEV)
+
+
+def dev_env(**env: str) -> dict[str, str]:
+    """This process's environment without its ``MAILER_*`` settings, in development mode,
+    with ``env`` added: what a command run by a test sees."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    return {**clean, **DEV, **env}
 
 
 REDIS_HOST, _, _port = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379").rpartition(":")

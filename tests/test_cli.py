@@ -5,13 +5,13 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import typer.main
+from conftest import dev_env
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
@@ -40,11 +40,10 @@ def mailer(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str
 
     It runs in ``cwd`` so that no developer's .env is read.
     """
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     return subprocess.run(
         [sys.executable, "-m", "mailer", *args],
         cwd=cwd,
-        env={**clean, **env},
+        env=dev_env(**env),
         capture_output=True,
         text=True,
         timeout=60,

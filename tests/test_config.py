@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import DEV
 
 from mailer.config import FIELDS, SmtpSettings, load_settings
 from mailer.errors import ConfigError
@@ -14,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_defaults_need_nothing(tmp_path: Path) -> None:
-    settings = load_settings({}, env_file=tmp_path / ".env")
+    settings = load_settings(DEV, env_file=tmp_path / ".env")
     assert settings.database_url == "sqlite:///var/mailer.db"
     assert settings.broker_url == "redis://127.0.0.1:6379/0"
     assert settings.smtp == SmtpSettings(host="127.0.0.1", port=2525)
@@ -26,7 +27,7 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     env_file.write_text(
         "MAILER_PUBLICATION_NAME=From Dotenv\nMAILER_POSTAL_ADDRESS='2 Dotenv Road'\n"
     )
-    settings = load_settings({"MAILER_PUBLICATION_NAME": "From Env"}, env_file=env_file)
+    settings = load_settings({**DEV, "MAILER_PUBLICATION_NAME": "From Env"}, env_file=env_file)
     assert settings.publication_name == "From Env"
     assert settings.postal_address == "2 Dotenv Road"
 
@@ -43,12 +44,13 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     ],
 )
 def test_smtp_urls(url: str, expected: SmtpSettings) -> None:
-    assert load_settings({"MAILER_SMTP_URL": url}, env_file=None).smtp == expected
+    assert load_settings({**DEV, "MAILER_SMTP_URL": url}, env_file=None).smtp == expected
 
 
 def test_rates_durations_and_domain_limits() -> None:
     settings = load_settings(
         {
+            **DEV,
             "MAILER_RATE_LIMIT": "600/m",
             "MAILER_DOMAIN_LIMITS": "gmail.com=50/s, Yahoo.com=36000/h",
             "MAILER_RETRY_MAX_AGE": "2h",
@@ -63,12 +65,22 @@ def test_rates_durations_and_domain_limits() -> None:
 
 
 def test_postgres_urls_use_psycopg() -> None:
-    url = load_settings({"MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None).database_url
+    settings = load_settings({**DEV, "MAILER_DATABASE_URL": "postgres://u@h/db"}, env_file=None)
+    url = settings.database_url
     assert url == "postgresql+psycopg://u@h/db"
 
 
+def test_sizes() -> None:
+    settings = load_settings(
+        {**DEV, "MAILER_TRACKER_MAX_BODY": "512KB", "MAILER_POST_MAX_SIZE": "1048576"}, None
+    )
+    assert (settings.tracker_max_body, settings.post_max_size) == (512 * 1024, 1024 * 1024)
+    assert load_settings(DEV, None).tracker_max_body == 1024 * 1024
+
+
 def test_secret_keys_rotate() -> None:
-    settings = load_settings({"MAILER_SECRET_KEY": "new-key-0123456789, old-key-0123456789"}, None)
+    keys = "new-key-0123456789, old-key-0123456789"
+    settings = load_settings({**DEV, "MAILER_SECRET_KEY": keys}, None)
     assert settings.secret_keys == ("new-key-0123456789", "old-key-0123456789")
 
 
@@ -98,11 +110,16 @@ def test_secret_keys_rotate() -> None:
         ("MAILER_RETRY_MAX_AGE", "-1h"),
         ("MAILER_BATCH_SIZE", "0"),
         ("MAILER_BATCH_LEASE", "0s"),
+        ("MAILER_ENV", "staging"),
+        ("MAILER_DEBUG", "maybe"),
+        ("MAILER_TRACKER_MAX_BODY", "0"),
+        ("MAILER_POST_MAX_SIZE", "2 TB"),
+        ("MAILER_DATABASE_URL", "postgresql://h:port/db"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings({name: value}, env_file=None)
+        load_settings({**DEV, name: value}, env_file=None)
     message = str(caught.value)
     assert message.startswith(f"{name}: ")
     assert "\n" not in message
@@ -110,11 +127,16 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("MAILER_SECRET_KEY", "tiny,secret"), ("MAILER_SMTP_URL", "smtp://u:hunter2@:25")],
+    [
+        ("MAILER_SECRET_KEY", "tiny,secret"),
+        ("MAILER_SMTP_URL", "smtp://u:hunter2@:25"),
+        ("MAILER_DATABASE_URL", "postgresql://u:hunter2@h:x/db"),
+        ("MAILER_BROKER_URL", "redis://:hunter2@"),
+    ],
 )
 def test_secrets_are_never_echoed(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings({name: value}, env_file=None)
+        load_settings({**DEV, name: value}, env_file=None)
     assert "hunter2" not in str(caught.value) and "tiny" not in str(caught.value)
 
 

@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
+from conftest import DEV
 from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greylist, serve
 from sqlalchemy import Engine, create_engine, event, select, text, update
 
@@ -65,6 +66,7 @@ class Setup:
     def settings(self, smtp_port: int, **extra: str) -> Settings:
         return load_settings(
             {
+                **DEV,
                 "MAILER_DATABASE_URL": self.db_url,
                 "MAILER_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
                 "MAILER_RETRY_BACKOFF": "50ms",

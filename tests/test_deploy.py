@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mailer.config import load_settings
+from mailer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_RUNNING = ("postgres", "redis", "worker", "beat", "tracker", "flower")
@@ -29,8 +30,21 @@ def compose_config(tmp_path: Path, env: str) -> subprocess.CompletedProcess[str]
     )
 
 
+KEY = "k" * 43  # as long as `mailer secret` prints
+
+
+def filled_in(example: str) -> str:
+    """.env.example as a user leaves it: the signing key filled in."""
+    assert "\nMAILER_SECRET_KEY=\n" in example
+    return example.replace("\nMAILER_SECRET_KEY=\n", f"\nMAILER_SECRET_KEY={KEY}\n")
+
+
 def test_docker_compose_accepts_the_file_with_the_example_env(tmp_path: Path) -> None:
-    done = compose_config(tmp_path, (ROOT / ".env.example").read_text())
+    example = (ROOT / ".env.example").read_text()
+    refused = compose_config(tmp_path, example)
+    assert refused.returncode != 0 and "set MAILER_SECRET_KEY in .env" in refused.stderr
+    assert "`mailer secret`" in refused.stderr
+    done = compose_config(tmp_path, filled_in(example))
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     services = config["services"]
@@ -50,19 +64,22 @@ def test_docker_compose_accepts_the_file_with_the_example_env(tmp_path: Path) ->
 
 
 def test_the_database_url_comes_from_env_and_flower_needs_a_password(tmp_path: Path) -> None:
-    done = compose_config(tmp_path, "MAILER_DATABASE_URL=postgresql://db.internal/news\n")
+    env = f"MAILER_SECRET_KEY={KEY}\nMAILER_DATABASE_URL=postgresql://db.internal/news\n"
+    done = compose_config(tmp_path, env)
     assert done.returncode != 0 and "set FLOWER_BASIC_AUTH=user:password" in done.stderr
-    done = compose_config(
-        tmp_path, "MAILER_DATABASE_URL=postgresql://db.internal/news\nFLOWER_BASIC_AUTH=a:b\n"
-    )
+    done = compose_config(tmp_path, env + "FLOWER_BASIC_AUTH=a:b\n")
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
     assert services["worker"]["environment"]["MAILER_DATABASE_URL"].endswith("db.internal/news")
 
 
-def test_the_example_env_is_valid_settings() -> None:
-    settings = load_settings({}, env_file=ROOT / ".env.example")
-    assert settings.tracker_url == "https://t.example.com"
+def test_the_example_env_is_valid_settings_once_its_key_is_filled_in(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"MAILER_SECRET_KEY: .*`mailer secret`"):
+        load_settings({}, env_file=ROOT / ".env.example")
+    env_file = tmp_path / ".env"
+    env_file.write_text(filled_in((ROOT / ".env.example").read_text()))
+    settings = load_settings({}, env_file=env_file)
+    assert settings.tracker_url == "https://t.example.com" and settings.env == "production"
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -99,7 +116,7 @@ def test_an_installed_wheel_composes_outside_the_checkout(tmp_path: Path, db_url
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(ROOT / "examples/posts/the-quiet-harbour.md", elsewhere / "post.md")
-    env = {"PATH": "/usr/bin:/bin", "MAILER_DATABASE_URL": db_url}
+    env = {"PATH": "/usr/bin:/bin", "MAILER_DATABASE_URL": db_url, "MAILER_ENV": "dev"}
     python = str(venv / "bin" / "python")
     for args in (
         ["db", "upgrade"],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dkim
 import pytest
+from conftest import dev_env
 from smtp_servers import serve
 from sqlalchemy import Engine
 from workers import BIN, add_readers, environment, free_port, run_mailer
@@ -89,7 +90,7 @@ def test_every_message_of_a_send_verifies_with_both_keys(
 
 
 def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env = dev_env()
     key = tmp_path / "key.pem"
     key.write_text("precious")
     done = mailer(env, tmp_path, "dkim", "keygen", "--domain", "example.com",

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import stripe
-from conftest import own_redis, redis_url
+from conftest import dev_env, own_redis, redis_url
 from smtp_servers import serve, wait_until
 from sqlalchemy import Engine, update
 
@@ -124,7 +124,7 @@ def test_send_track_convert_and_count(
     port = _free_port()
     tracker_url = f"http://127.0.0.1:{port}"
     base = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+        **dev_env(),
         "MAILER_DATABASE_URL": db_url,
         "MAILER_SITE_URL": SITE,
         "MAILER_TRACKER_URL": tracker_url,

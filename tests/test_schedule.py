@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import DEV
 from smtp_servers import Slow, serve, wait_until
 from sqlalchemy import Engine, update
 from workers import (
@@ -48,7 +49,7 @@ def schedule(engine: Engine) -> Iterator[Engine]:
 
 
 def scheduled(engine: Engine, at: dt.datetime) -> int:
-    settings = load_settings({}, env_file=None)
+    settings = load_settings(DEV, env_file=None)
     with db.session(engine) as session:
         post = parse_post_text("---\ntitle: On Time\n---\n\nHello.\n", "post.md")
         composition = compose(post, Publication.from_settings(settings))

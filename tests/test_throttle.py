@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from conftest import REDIS_HOST, REDIS_PORT, own_redis, redis_url
+from conftest import DEV, REDIS_HOST, REDIS_PORT, own_redis, redis_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from smtp_servers import closed_port
@@ -184,6 +184,7 @@ def test_a_backoff_reaches_every_worker() -> None:
 @pytest.mark.usefixtures("clean_redis")
 def test_from_settings_keeps_state_in_the_broker_redis() -> None:
     environ = {
+        **DEV,
         "MAILER_BROKER_URL": redis_url(DB),
         "MAILER_DOMAIN_LIMITS": "slow.example=10/s",
     }

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import httpx
 import pytest
 import redis
 import uvicorn
-from conftest import own_redis, redis_url
+from conftest import dev_env, own_redis, redis_url
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_servers import closed_port, wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
@@ -47,6 +46,7 @@ from mailer.errors import DatabaseError
 from mailer.metrics import render
 from mailer.subscribers import manage
 from mailer.tracking.app import PIXEL, StripeWebhook, create_app
+from mailer.tracking.http import HeaderLimited
 from mailer.tracking.ingest import (
     STREAM,
     Event,
@@ -154,7 +154,9 @@ def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> ASGIApp:
 @contextlib.contextmanager
 def running(app: ASGIApp) -> Iterator[httpx.Client]:
     """``app`` under uvicorn in a thread; stopping it runs the lifespan's last flush."""
-    config = uvicorn.Config(app, port=0, log_level="warning", proxy_headers=False)
+    config = uvicorn.Config(
+        app, port=0, log_level="warning", proxy_headers=False, http=HeaderLimited
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -383,7 +385,7 @@ def test_events_arriving_while_the_database_is_down_are_written_later(
 
 def test_sigterm_makes_the_served_tracker_write_its_buffer(world: World, tmp_path: Path) -> None:
     port = closed_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env = dev_env()
     env |= {
         "MAILER_DATABASE_URL": world.db_url,
         "MAILER_BROKER_URL": REDIS_URL,

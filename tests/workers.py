@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from conftest import dev_env
 from sqlalchemy import Engine
 
 from mailer import db
@@ -130,7 +131,7 @@ def start_beat(processes: Processes, env: dict[str, str], log: Path) -> subproce
 
 def environment(db_url: str, broker: str, smtp_port: int, **settings: str) -> dict[str, str]:
     return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
+        **dev_env(),
         "MAILER_DATABASE_URL": db_url,
         "MAILER_BROKER_URL": broker,
         "MAILER_SMTP_URL": f"smtp://{HOST}:{smtp_port}",

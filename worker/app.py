@@ -15,14 +15,26 @@ import celery.apps.worker
 from celery import Celery, current_task
 from celery.signals import after_setup_logger, after_setup_task_logger, beat_init
 
-from mailer.config import load_settings
+from mailer.config import Settings, load_settings
+from mailer.errors import ConfigError
 from mailer.logs import JsonFormatter
 
 BATCH_TIMEOUT_S = 4 * 3600
 
+
+def _settings() -> Settings:
+    """The settings; a bad one stops the worker, beat or Flower with one line, as in the CLI."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(1) from None
+
+
+SETTINGS = _settings()
 app = Celery("mailer", include=["worker.tasks"])
 app.conf.update(
-    broker_url=load_settings().broker_url,
+    broker_url=SETTINGS.broker_url,
     # State lives in the database; tasks report nothing back through Celery.
     task_ignore_result=True,
     task_serializer="json",
@@ -56,7 +68,7 @@ app.conf.update(
 @after_setup_logger.connect  # type: ignore[untyped-decorator]
 @after_setup_task_logger.connect  # type: ignore[untyped-decorator]
 def _log_format(logger: logging.Logger, **_: Any) -> None:
-    if load_settings().log_format != "json":
+    if SETTINGS.log_format != "json":
         return
     # Celery writes its shutdown notices straight to the terminal, outside its logging.
     celery.apps.worker.safe_say = _say_as_json

@@ -2,12 +2,14 @@
 
 Adding a group is two lines: import its module and ``app.add_typer(module.app)``.
 Commands stay thin (parse, call the library, print); ``main`` turns any ``MailerError``
-into one ``error: ...`` line on stderr and exit status 1.
+into one ``error: ...`` line on stderr and exit status 1, and any other exception (a bug)
+too: its traceback only with ``MAILER_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import gc
+import traceback
 
 import typer
 
@@ -18,6 +20,7 @@ from mailer.cli import (
     doctor,
     posts,
     preview,
+    secret,
     segments,
     sends,
     stats,
@@ -25,6 +28,7 @@ from mailer.cli import (
     tracker,
 )
 from mailer.cli.common import remember_invocation
+from mailer.config import debug_requested, masked
 from mailer.errors import MailerError
 
 app = typer.Typer(
@@ -32,8 +36,8 @@ app = typer.Typer(
     help="Self-hosted newsletter delivery: render once, personalise cheaply, deliver exactly once.",
     no_args_is_help=True,
     add_completion=False,
-    # Expected failures are MailerErrors, reported in one line by main(); anything else is a
-    # bug, and a plain traceback serves it better than a pretty one.
+    # Every failure is reported in one line by main(); MAILER_DEBUG=1 adds a bug's traceback,
+    # and a plain one serves it better than a pretty one.
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -50,6 +54,9 @@ app.add_typer(tracker.app)
 app.command()(doctor.doctor)
 app.add_typer(dkim.app)
 app.add_typer(bounces.app)
+app.command()(secret.secret)
+
+UNEXPECTED_SHOWN = 200  # characters of an unexpected error's message: it may hold a whole query
 
 
 def main() -> None:
@@ -57,6 +64,15 @@ def main() -> None:
         app()
     except MailerError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        # A bug: the user gets one line, and the traceback when they ask for it.
+        if debug_requested():
+            typer.echo(masked(traceback.format_exc()).rstrip("\n"), err=True)
+        text = masked(" ".join(str(exc).split()))
+        shown = text[:UNEXPECTED_SHOWN] + ("..." if len(text) > UNEXPECTED_SHOWN else "")
+        hint = "" if debug_requested() else "; MAILER_DEBUG=1 shows the traceback"
+        typer.echo(f"error: unexpected {type(exc).__name__}: {shown}{hint}", err=True)
         raise SystemExit(1) from None
     finally:
         # The collector's last pass at exit walks every object of every module imported

@@ -89,9 +89,14 @@ def _smtp(config: Settings) -> str:
 
 
 def _worker(config: Settings) -> str:
+    from kombu.exceptions import OperationalError
+
     from worker.app import app as celery
 
-    answers = celery.control.ping(timeout=2.0)
+    try:
+        answers = celery.control.ping(timeout=2.0)
+    except OperationalError as exc:  # no broker to ask through
+        raise _Failed(f"cannot ask the workers: {exc}; see the broker check") from None
     if not answers:
         raise _Failed("no worker answered a ping; start one: `celery -A worker.app worker`")
     return f"{len(answers)} worker(s) answered: " + ", ".join(sorted(n for a in answers for n in a))
@@ -144,7 +149,7 @@ def _secret_key(config: Settings) -> str:
         return "the built-in development key: fine on this machine, never for real readers"
     raise _Failed(
         "MAILER_SECRET_KEY is the built-in default: anyone can forge opens, clicks and "
-        "unsubscribes; set it to a long random string (e.g. `openssl rand -hex 32`)"
+        "unsubscribes; set your own (`mailer secret` prints one) and drop MAILER_ENV=dev"
     )
 
 

@@ -23,8 +23,7 @@ def add(
     as_json: JsonFlag = False,
 ) -> None:
     """Add a post, or replace the post with the same slug."""
-    settings()  # a bad configuration is reported before the file
-    post = parse_post(file)
+    post = parse_post(file, settings().post_max_size)  # a bad setting is reported first
     with session(engine()) as s:
         created = save_post(s, post, source=str(file))
     if as_json:

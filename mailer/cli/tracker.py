@@ -35,6 +35,8 @@ def serve(
     """Serve the tracker until stopped; SIGTERM writes buffered events before exiting."""
     import uvicorn  # here, not at the top: every other command starts faster without it
 
+    from mailer.tracking.http import HeaderLimited
+
     config = settings()  # a bad setting stops here with one line, not in every worker
     # With Redis, one process of its own writes the events: in a serving process, the flusher
     # would hold the GIL for milliseconds at a time, and every pixel would wait that long.
@@ -57,6 +59,7 @@ def serve(
             host=host,
             port=port,
             workers=workers,
+            http=HeaderLimited,  # httptools, with a cap on request headers
             # X-Forwarded-For: only with MAILER_TRACKER_TRUST_PROXY, read by the app, not uvicorn.
             proxy_headers=False,
             server_header=False,
@@ -119,6 +122,7 @@ def app_from_settings() -> ASGIApp:
         trust_proxy=config.tracker_trust_proxy,
         metrics=functools.partial(_metrics, config, database, buffer),
         metrics_token=config.metrics_token,
+        max_body=config.tracker_max_body,
     )
 
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from mailer.config import masked
 from mailer.db.models import utcnow
 from mailer.errors import DatabaseError
 
@@ -61,7 +64,7 @@ def head() -> str:
 
 def shown(url: str | URL) -> str:
     """The URL as it may appear in messages and logs: password masked."""
-    return make_url(url).render_as_string(hide_password=True)
+    return masked(url.render_as_string(hide_password=False) if isinstance(url, URL) else url)
 
 
 def driver_cursor(conn: Connection) -> Any:
@@ -82,7 +85,7 @@ def connect(url: str) -> Engine:
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(Path(database))
     engine = create_engine(url)
 
     @event.listens_for(engine, "connect")
@@ -96,6 +99,20 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor.close()
 
     return engine
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file readable by its owner only, and make an existing one so: it
+    holds every reader's address. SQLite gives its -wal, -shm and -journal files the
+    database's own mode; those left by an earlier version are tightened too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        with contextlib.suppress(OSError):  # absent, or someone else's: SQLite will say
+            mode = name.stat().st_mode
+            if mode & 0o077:
+                name.chmod(mode & 0o700)
 
 
 @contextmanager

@@ -139,6 +139,8 @@ class SubscriberRow(Base):
         Index(None, "status", "tier"),
         Index(None, "status", "created_at"),
         Index(None, "domain", "status"),
+        # SQLite would give an erased reader's id (and their tracking events) to the next one.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

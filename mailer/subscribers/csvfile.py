@@ -2,8 +2,10 @@
 
 ``open_csv`` checks a file before anything is imported from it: it is text in the expected
 encoding, and its first line is a header (the caller checks for the columns it needs). Records
-then stream one at a time with the line they start on, so memory stays flat. ``replacing``
-writes a file that appears whole or not at all.
+then stream one at a time with the line they start on, so memory stays flat. A field over
+the csv module's size limit rejects its record, and reading goes on at the line after it.
+``replacing`` writes a file that appears whole or not at all, and ``SafeWriter`` writes cells a
+spreadsheet shows but never runs (``neutralised``), which reading gives back (``restored``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import codecs
 import csv
 import io
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -27,6 +30,31 @@ SAVE_AS_UTF8 = 'save it as UTF-8 (Excel: "CSV UTF-8") or give its encoding, e.g.
 # A record, the line it starts on, and why it could not be read (fields are then empty).
 Record = tuple[int, list[str], str | None]
 
+# OWASP's rule against CSV injection: a cell starting with one of = + - @ tab CR is a formula to
+# a spreadsheet, so it is written with a ' before it, which spreadsheets show as text. A cell
+# that starts with ' before one of those gets one more, so reading can take exactly one off.
+_QUOTED_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+
+
+def neutralised(cell: str) -> str:
+    """``cell`` as a spreadsheet shows it but never runs it; ``restored`` gives it back."""
+    return "'" + cell if _QUOTED_FORMULA.match(cell) else cell
+
+
+def restored(cell: str) -> str:
+    """The cell ``neutralised`` was given."""
+    return cell[1:] if cell[:1] == "'" and _QUOTED_FORMULA.match(cell, 1) else cell
+
+
+class SafeWriter:
+    """``csv.writer`` whose text cells are ``neutralised``: every CSV file mailer writes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._writer = csv.writer(out)
+
+    def writerow(self, row: Iterable[object]) -> None:
+        self._writer.writerow([neutralised(c) if isinstance(c, str) else c for c in row])
+
 
 class CsvSource:
     """An open CSV file whose header has been read."""
@@ -38,32 +66,54 @@ class CsvSource:
         self.size = path.stat().st_size  # bytes, for progress
         self.header: list[str] = []  # as written, trimmed
         self._binary = binary
-        self._reader = csv.reader(
-            io.TextIOWrapper(binary, encoding=encoding, newline=""), delimiter=delimiter
-        )
+        # Held here: a wrapper nobody holds closes ``binary`` when collected.
+        self._text = io.TextIOWrapper(binary, encoding=encoding, newline="")
+        self._lines = self._counted(self._text)
+        self._reader = csv.reader(self._lines, delimiter=delimiter)
         self._line = 0  # the last line read
+        self._quotes = 0  # quote characters in the lines of the record being read
+
+    def _counted(self, text: Iterable[str]) -> Iterator[str]:
+        for line in text:
+            self._line += 1
+            self._quotes += line.count('"')
+            yield line
 
     def position(self) -> int:
         """Bytes read so far (read ahead by a buffer's worth)."""
         return self._binary.tell()
 
     def records(self) -> Iterator[Record]:
-        """The records after the header; blank lines come as empty lists."""
+        """The records after the header (cells ``restored``); blank lines come as empty lists."""
         reader = self._reader
         while True:
             start = self._line + 1
+            self._quotes = 0
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:  # e.g. a field over the size limit; reading goes on
-                self._line = reader.line_num
+                self._skip_to_record_end()
                 yield start, [], f"unreadable CSV: {exc}"
                 continue
-            except UnicodeDecodeError:
+            except UnicodeError:  # also UTF-16 without a BOM
                 raise _undecodable(self.path, self.encoding) from None
-            self._line = reader.line_num
+            # Only rows holding a ' can hold a neutralised cell: one join, not a call per cell.
+            if "'" in "".join(fields):
+                fields = [restored(field) for field in fields]
             yield start, fields, None
+
+    def _skip_to_record_end(self) -> None:
+        """After an error the reader starts afresh at its next line, which may be inside the
+        quoted field that failed: the record ends at the line where its quotes pair up."""
+        try:
+            while self._quotes % 2:
+                next(self._lines)
+        except StopIteration:
+            pass
+        except UnicodeError:  # also UTF-16 without a BOM
+            raise _undecodable(self.path, self.encoding) from None
 
 
 @contextmanager
@@ -117,7 +167,7 @@ def _layout(path: Path, sample: bytes, encoding: str) -> tuple[str, int]:
     decoder = codecs.getincrementaldecoder(encoding)()
     try:
         text = decoder.decode(sample, final=len(sample) < SAMPLE_BYTES)
-    except UnicodeDecodeError:
+    except UnicodeError:  # also UTF-16 without a BOM
         raise _undecodable(path, encoding) from None
     if "\0" in text:
         raise InputError(f"{path}: not a CSV file (it holds binary data)")
@@ -135,7 +185,7 @@ def _layout(path: Path, sample: bytes, encoding: str) -> tuple[str, int]:
 def _undecodable(path: Path, encoding: str) -> InputError:
     """The error for a file that is not in ``encoding``, naming the first bad line."""
     name = "UTF-8" if encoding.startswith("utf-8") else encoding
-    if encoding.startswith("utf-16"):  # lines cannot be told apart by bytes: no line number
+    if encoding.startswith(("utf-16", "utf-32")):  # lines are not bytes apart: no line number
         return InputError(f"{path}: is not valid {name}; {SAVE_AS_UTF8}")
     with path.open("rb") as binary:
         for number, line in enumerate(binary, start=1):
@@ -154,8 +204,11 @@ def replacing(path: Path, what: str) -> Iterator[TextIO]:
     """A UTF-8 text file that replaces ``path`` when the block ends normally, and never before.
 
     It is written beside ``path`` (parent folders are made), so a failure to write is found
-    before any work is done, and the move is atomic.
+    before any work is done, and the move is atomic. The file is its owner's only (0600): it
+    holds readers' data.
     """
+    if path.is_dir():  # found now, not when the work is done and the move fails
+        raise InputError(f"{what} {path}: is a directory; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

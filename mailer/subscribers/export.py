@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from typing import TextIO
@@ -12,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from mailer import segments
 from mailer.db.models import SubscriberRow, SubscriberTagRow
+from mailer.subscribers.csvfile import SafeWriter
 
 COLUMNS = ("email", "name", "tier", "tags", "trial_ends_at", "status", "created_at", "attributes")
 BATCH = 2000  # rows fetched at a time from a server-side cursor
@@ -36,7 +36,7 @@ def export_csv(session: Session, out: TextIO, *, segment: str | None = None) -> 
     ).order_by(SubscriberRow.id)
     if segment is not None:
         query = query.where(segments.where(session, segment))
-    writer = csv.writer(out)
+    writer = SafeWriter(out)  # cells a spreadsheet would run as formulas get a ' before them
     writer.writerow(COLUMNS)
     count = 0
     for email, name, tier, tag_list, trial, status, created, attributes in session.execute(

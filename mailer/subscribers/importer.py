@@ -16,7 +16,6 @@ given": it never blanks what a reader has, and tags and attributes are only ever
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from collections.abc import Callable, Iterator
@@ -77,7 +76,7 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.errors import InputError
-from mailer.subscribers.csvfile import CsvSource, open_csv, replacing
+from mailer.subscribers.csvfile import CsvSource, SafeWriter, open_csv, replacing
 from mailer.subscribers.manage import STATUS_CHANGED, TIER_CHANGED
 from mailer.subscribers.model import (
     clean_name,
@@ -212,11 +211,13 @@ class _RowParser:
         self.to_db = UtcDateTime().bind_processor(dialect) or (lambda value: value)
         at: dict[str, int] = {}
         self.extras: list[tuple[int, str]] = []  # (position, attribute name)
+        seen: set[str] = set()
         for position, name in enumerate(header):
             known = name.lower()
             key = known if known in KNOWN else name or f"column{position + 1}"
-            if key in at or any(key == extra for _, extra in self.extras):
+            if key in seen:
                 raise InputError(f"{path}: column {name!r} appears twice in the header")
+            seen.add(key)
             if known in KNOWN:
                 at[known] = position
             else:
@@ -287,7 +288,7 @@ class _Rejects:
 
     def __init__(self, out: TextIO, header: list[str]) -> None:
         self.count = 0
-        self._writer = csv.writer(out)
+        self._writer = SafeWriter(out)
         self._writer.writerow(["line", "reason", *header])
 
     def add(self, line: int, reason: str, fields: list[str]) -> None:

@@ -4,6 +4,11 @@ Opens and clicks never wait on the database: the answer goes out first, then the
 appended to the buffer, and a ``Flusher`` started with the app writes it in the background.
 A token that does not verify, or names another route's kind, gets a plain 404 and records
 nothing. ``create_app`` takes everything it needs as arguments; it reads no settings.
+
+Nothing a client sends is held without a bound: a POST announcing a body over ``max_body`` is
+answered 413 before any of it is read, and a body sent without a length is cut off there; a
+few webhooks are handled at once per process, the others are asked to come back (503). The
+cap on headers is the protocol's (``mailer.tracking.http``).
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ PAGE_HEADERS = NO_STORE | {
 ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 MAX_FORM_BYTES = 8192
+MAX_BODY = 1024 * 1024  # MAILER_TRACKER_MAX_BODY's default
+# Webhooks handled at once per process, each holding up to max_body: beyond, 503 and Stripe
+# delivers the event again later.
+WEBHOOK_CONCURRENCY = 4
 LINK_CACHE_SENDS = 256
 
 _PAGE = """<!doctype html>
@@ -214,7 +223,8 @@ class Tracker:
         token = self.token(request, Kind.UNSUBSCRIBE)
         if token is None:
             return _not_found()
-        if not one_click(request.headers.get("content-type", ""), await _body(request)):
+        form = await read_body(request, MAX_FORM_BYTES) or b""  # larger: no one-click form
+        if not one_click(request.headers.get("content-type", ""), form):
             return PlainTextResponse("expected List-Unsubscribe=One-Click\n", 400)
         outcome = await run_in_threadpool(self.unsubscribe_now, token.subscriber_id)
         if outcome == "erased":
@@ -240,14 +250,14 @@ class Tracker:
             return "later"
 
 
-async def _body(request: Request) -> bytes:
-    """The request body, or nothing if it is larger than any one-click form."""
-    body = b""
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is longer than ``limit`` bytes."""
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return b""
-    return body
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def one_click(content_type: str, body: bytes) -> bool:
@@ -312,6 +322,32 @@ _PIXEL_START = {
 _PIXEL_BODY = {"type": "http.response.body", "body": PIXEL}
 
 
+class _BodyLimit:
+    """413 to a POST announcing a body over ``limit`` bytes, before any of it is read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
+            for name, value in scope["headers"]:
+                if name != b"content-length":
+                    continue
+                if not value.isdigit():  # httptools refuses these first; another server may not
+                    answer = PlainTextResponse("bad Content-Length\n", status_code=400)
+                    await answer(scope, receive, send)
+                    return
+                if len(value) > 18 or int(value) > self.limit:  # a length of 19+ digits: absurd
+                    await _too_large()(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _too_large() -> Response:
+    return PlainTextResponse("request body too large\n", status_code=413)
+
+
 def create_app(
     *,
     engine: Engine,
@@ -323,6 +359,7 @@ def create_app(
     trust_proxy: bool = False,
     metrics: Callable[[], bytes] | None = None,
     metrics_token: str = "",
+    max_body: int = MAX_BODY,
 ) -> ASGIApp:
     """The tracker as an ASGI app.
 
@@ -332,7 +369,8 @@ def create_app(
     ``stripe_webhook(payload, signature)`` answers ``POST /webhooks/stripe`` (in a thread);
     without it the route does not exist. ``trust_proxy``: take the client address from
     X-Forwarded-For (its first address). ``metrics()`` answers ``GET /metrics`` (in a thread),
-    to requests bearing ``metrics_token`` if it is set.
+    to requests bearing ``metrics_token`` if it is set. A request body over ``max_body``
+    bytes gets 413.
     """
     tracker = Tracker(engine, signer, site_url, buffer, trust_proxy=trust_proxy)
     routes = [
@@ -343,7 +381,9 @@ def create_app(
         Route("/u/{token}", tracker.unsubscribe, methods=["POST"]),
     ]
     if stripe_webhook is not None:
-        routes.append(Route("/webhooks/stripe", _webhook(stripe_webhook), methods=["POST"]))
+        routes.append(
+            Route("/webhooks/stripe", _webhook(stripe_webhook, max_body), methods=["POST"])
+        )
     if metrics is not None:
         routes.append(Route("/metrics", _metrics(metrics, metrics_token), methods=["GET"]))
 
@@ -361,7 +401,7 @@ def create_app(
             if flusher is not None:
                 await flusher  # ...for the flusher's last round to write
 
-    return _PixelFirst(tracker, Starlette(routes=routes, lifespan=lifespan))
+    return _PixelFirst(tracker, _BodyLimit(Starlette(routes=routes, lifespan=lifespan), max_body))
 
 
 async def _healthz(request: Request) -> Response:
@@ -419,10 +459,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _webhook(handle: StripeWebhook) -> Callable[[Request], Awaitable[Response]]:
+def _webhook(handle: StripeWebhook, max_body: int) -> Callable[[Request], Awaitable[Response]]:
+    slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+
     async def stripe(request: Request) -> Response:
-        payload = await request.body()
-        status = await run_in_threadpool(handle, payload, request.headers.get("stripe-signature"))
+        if slots.locked():  # taken before the body is read: a waiting request holds no body
+            return PlainTextResponse("busy, try again shortly\n", 503, {"Retry-After": "10"})
+        async with slots:
+            payload = await read_body(request, max_body)
+            if payload is None:
+                return _too_large()
+            signature = request.headers.get("stripe-signature")
+            status = await run_in_threadpool(handle, payload, signature)
         return Response(status_code=status)
 
     return stripe

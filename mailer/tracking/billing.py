@@ -3,7 +3,9 @@
 ``handle_stripe`` verifies the signature with the stripe library, then handles each event id
 once: the id is inserted into ``billing_events`` in the same transaction as its effects, so a
 replay (Stripe retries, or an attacker resending a captured body) changes nothing. It returns
-the HTTP status for the tracker to answer; only a 5xx makes Stripe deliver the event again.
+the HTTP status for the tracker to answer; only a 5xx makes Stripe deliver the event again,
+so nothing a signed payload holds (a list, a huge number, a NUL) may raise: anything
+malformed is a 400 or ignored.
 
 The reader is found by the ``mailer_ref`` in the subscription's metadata (a ``Kind.REF`` token
 the tracker adds to the paywall link on click), else by the customer id remembered from an
@@ -16,7 +18,9 @@ still earns the credit. Comped readers are left alone: their tier is the author'
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +40,9 @@ from mailer.tracking.tokens import Kind, Signer
 log = logging.getLogger(__name__)
 
 PROVIDER = "stripe"
-TOLERANCE = 300  # seconds a signed webhook stays valid: older ones may be replays
+TOLERANCE = 300  # seconds a signed webhook stays valid: older ones may be replays, and
+# a signature dated further ahead was made with a stolen secret to outlive the tolerance
+MAX_ID = 255  # the id columns' length
 REF_KEY = "mailer_ref"
 OK, BAD_REQUEST, SERVER_ERROR = 200, 400, 500
 
@@ -72,20 +78,27 @@ def handle_stripe(
         log.warning("stripe webhook refused: MAILER_STRIPE_WEBHOOK_SECRET is not set")
         return BAD_REQUEST
     try:
-        event = stripe.Webhook.construct_event(payload, signature, secret, tolerance=TOLERANCE)
-    except (stripe.SignatureVerificationError, ValueError) as exc:  # ValueError: not JSON
+        stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance=TOLERANCE)
+        data = json.loads(payload)
+    # ValueError: not UTF-8 or not JSON; RecursionError: JSON nested thousands deep
+    except (stripe.SignatureVerificationError, ValueError, RecursionError) as exc:
         log.info("stripe webhook refused: %s", exc)
         return BAD_REQUEST
-    data: dict[str, Any] = event.to_dict()
-    event_id, event_type = data.get("id"), str(data.get("type"))
+    signed_at = _timestamp(signature or "")
+    if signed_at > time.time() + TOLERANCE:
+        log.info("stripe webhook refused: signed %d s in the future", signed_at - time.time())
+        return BAD_REQUEST
+    if not isinstance(data, dict):
+        log.info("stripe webhook refused: the payload is not an object")
+        return BAD_REQUEST
+    event_id, event_type = _plain(data.get("id")), str(data.get("type")).replace("\0", "")
     body = data.get("data")
-    if not isinstance(event_id, str) or not isinstance(body, dict):
+    if event_id is None or not isinstance(body, dict):
         log.info("stripe webhook refused: no event id or data")
         return BAD_REQUEST
-    subscription = body.get("object")
-    if not isinstance(subscription, dict):
-        subscription = {}
-    change = _change(event_type, subscription, body.get("previous_attributes") or {})
+    subscription, previous = body.get("object"), body.get("previous_attributes")
+    subscription = subscription if isinstance(subscription, dict) else {}
+    change = _change(event_type, subscription, previous if isinstance(previous, dict) else {})
     if change is None:
         log.debug("stripe event %s (%s) ignored", event_id, event_type)
         return OK
@@ -99,6 +112,22 @@ def handle_stripe(
         log.exception("stripe event %s not recorded; Stripe will retry", event_id)
         return SERVER_ERROR
     return OK
+
+
+def _timestamp(signature: str) -> int:
+    """The ``t=`` of a header that verified, read as the stripe library reads it."""
+    for item in signature.split(","):
+        parts = item.split("=", 2)
+        if parts[0] == "t":
+            return int(parts[1])  # it verified: it is a number
+    return 0
+
+
+def _plain(value: Any) -> str | None:
+    """``value`` if it is a string that fits an id column (and PostgreSQL, which takes no NUL)."""
+    if isinstance(value, str) and value and len(value) <= MAX_ID and "\0" not in value:
+        return value
+    return None
 
 
 def _change(
@@ -118,11 +147,12 @@ def _change(
     if tier is None:
         return None
     trial_end = subscription.get("trial_end")
-    ends = (
-        dt.datetime.fromtimestamp(trial_end, dt.UTC)
-        if tier == "trial" and isinstance(trial_end, int)
-        else None
-    )
+    ends = None
+    if tier == "trial" and isinstance(trial_end, int):
+        try:
+            ends = dt.datetime.fromtimestamp(trial_end, dt.UTC)
+        except (OverflowError, OSError, ValueError):  # no real date: the trial's end unknown
+            ends = None
     return _Change(tier, ends)
 
 
@@ -146,7 +176,7 @@ def _apply(
     at: dt.datetime,
 ) -> None:
     customer = subscription.get("customer")
-    customer_id = customer.get("id") if isinstance(customer, dict) else customer
+    customer_id = _plain(customer.get("id") if isinstance(customer, dict) else customer)
     ref_reader, ref_send = _reference(subscription, signer)
     referred = None if ref_reader is None else session.get(SubscriberRow, ref_reader)
     by_address = _by_address(session, subscription)
@@ -156,13 +186,13 @@ def _apply(
         referred = by_address
     reader = (
         referred
-        or (_remembered(session, customer_id) if isinstance(customer_id, str) else None)
+        or (_remembered(session, customer_id) if customer_id is not None else None)
         or by_address
     )
     if reader is None:
         log.info("stripe subscription %s names no known reader; ignored", subscription.get("id"))
         return
-    if isinstance(customer_id, str):
+    if customer_id is not None:
         _remember(session, customer_id, reader.id)
     if reader.tier == "comped":
         log.info("reader %s is comped; their tier is left to the author", reader.id)
@@ -208,8 +238,8 @@ def _by_address(session: Session, subscription: Mapping[str, Any]) -> Subscriber
         metadata.get("customer_email") if isinstance(metadata, dict) else None,
         subscription.get("customer_email"),
     )
-    for address in candidates:
-        if isinstance(address, str) and address.strip():
+    for address in map(_plain, candidates):
+        if address is not None and address.strip():
             return session.scalar(
                 select(SubscriberRow).where(SubscriberRow.email_key == lookup_key(address))
             )
