@@ -119,6 +119,7 @@ def app_from_settings() -> ASGIApp:
         trust_proxy=config.tracker_trust_proxy,
         metrics=functools.partial(_metrics, config, database, buffer),
         metrics_token=config.metrics_token,
+        tracker_url=config.tracker_url,
     )
 
 
