@@ -250,9 +250,11 @@ def _variant(
     mjml = _env.get_template("post.mjml.j2").render(
         context | html_tokens, body_html=Markup(body), preheader=Markup(preheader)
     )
-    html = "<!doctype html>\n" + links.track_html(
-        _inline(mjml2html(mjml, disable_comments=True, fonts={}))
+    compiled = mjml2html(mjml, disable_comments=True, fonts={}).replace(
+        "<title></title>", f"<title>{htmlmod.escape(post.title)}</title>", 1
     )
+    # premailer drops the doctype, without which clients render in quirks mode.
+    html = "<!doctype html>\n" + links.track_html(_inline(compiled))
 
     text_tokens = tokens("t")
     link_text = {url: links.token("t", url) for url in _hrefs(body_html)}
