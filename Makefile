@@ -46,8 +46,8 @@ demo: venv
 	$(BIN)/python examples/demo_track.py
 
 # Debian's docker-compose checks docker-compose.yml in the tests; SpamAssassin scores the
-# sample posts' messages.
-TEST_TOOLS := /usr/bin/docker-compose /usr/bin/spamassassin
+# sample posts' messages and Chromium lays them out.
+TEST_TOOLS := /usr/bin/docker-compose /usr/bin/spamassassin /usr/bin/chromium
 
 test: venv lint $(TEST_TOOLS)
 	$(BIN)/pytest
@@ -75,6 +75,9 @@ $(BENCH_TOOLS):
 /usr/bin/spamassassin:
 	$(APT_INSTALL) spamassassin
 
+/usr/bin/chromium:
+	$(APT_INSTALL) chromium
+
 # doiuse-email (npm) in a folder of its own, pinned; the report never fetches anything itself.
 DOIUSE := .tools/node_modules/@jsx-email/doiuse-email/package.json
 
@@ -89,9 +92,6 @@ $(DOIUSE): /usr/bin/npm
 
 screenshots: venv /usr/bin/chromium
 	$(BIN)/python -m bench.screenshots
-
-/usr/bin/chromium:
-	$(APT_INSTALL) chromium
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var .tools
