@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import own_redis, redis_url
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, create_engine, delete, select, update
 from starlette.types import ASGIApp
 from test_tracker import CHROME, SECRET, running
 
@@ -182,3 +182,14 @@ def test_without_a_tracker_url_there_is_no_web_version(send: Send) -> None:
     )
     with running(plain) as client:
         assert client.get(f"/v/{send.token('free')}").status_code == 404
+
+
+def test_with_the_database_down_a_view_is_a_503_and_counts_nothing(
+    send: Send, tmp_path: Path
+) -> None:
+    down = create_engine(f"sqlite:///{tmp_path}/no/such/folder/mailer.db")
+    buffer = RedisBuffer(REDIS_URL)
+    with running(app(down, buffer)) as client:
+        answer = client.get(f"/v/{send.token('free')}")
+    assert (answer.status_code, answer.headers["retry-after"]) == (503, "5")
+    assert flush_once(send.engine, buffer) == 0

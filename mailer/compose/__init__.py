@@ -175,7 +175,11 @@ def compose(
     )
     whole = markdown.to_html(post.body)
     paid = _variant(shared, links, "paid", whole.html)
-    free = _variant(shared, links, "free") if post.has_paywall else paid
+    free = (
+        paid
+        if post.free_body is None
+        else _variant(shared, links, "free", markdown.to_html(post.free_body).html)
+    )
     urls = tuple(sorted(links.numbers, key=links.numbers.__getitem__))
     return Composition(free=free, paid=paid, links=urls, removed=whole.removed)
 
@@ -206,9 +210,7 @@ def _measure(nonce: str, tracker_url: str) -> markdown.Measure:
     return measure
 
 
-def _variant(
-    shared: _Shared, links: _Links, variant: Variant, body_html: str | None = None
-) -> MessageTemplate:
+def _variant(shared: _Shared, links: _Links, variant: Variant, body_html: str) -> MessageTemplate:
     post, pub, day, subject, nonce = (
         shared.post,
         shared.pub,
@@ -218,9 +220,6 @@ def _variant(
     )
     marker = links.marker
     paywall = variant == "free" and post.has_paywall
-    if body_html is None:
-        body_md = post.free_body if paywall and post.free_body is not None else post.body
-        body_html = markdown.to_html(body_md).html
 
     def tokens(ctx: str) -> dict[str, str]:
         names = ("name", "email", *_URL_TOKENS)

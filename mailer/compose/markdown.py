@@ -10,7 +10,7 @@ The HTML is written for mail clients, once per variant:
 - a table sits in a box that scrolls sideways where the client allows it, with a minimum width,
   so a phone does not squeeze it to one word per line; its cells never break words.
 
-Raw HTML follows one policy (see docs/architecture.md, "Raw HTML in posts"): the inline tags
+Raw HTML follows one policy (docs/architecture.md, "The email as readers see it"): the inline tags
 in ``ALLOWED_TAGS`` are kept, without attributes; every other tag is removed with its markup
 (its text stays, except for scripts and styles); a link or image whose URL is not http, https
 or mailto becomes its text. The sanitiser is nh3 (ammonia); ``Body.removed`` names what it took
@@ -352,6 +352,8 @@ class _TextRenderer(HTMLParser):
         elif tag == "img":
             if attr.get("alt"):
                 self.current.append(f"[{attr['alt']}]")
+        elif tag == "sup":
+            self.current.append("^")  # a footnote mark stays one: "numbers^1"
         elif tag == "span":
             self.spans.append(attr.get("class"))
             if self.spans[-1] == "caption":
