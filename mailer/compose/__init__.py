@@ -203,6 +203,8 @@ def _measure(nonce: str, tracker_url: str) -> markdown.Measure:
 
     def measure(word: str) -> int:
         size = len(word)
+        if "@@" not in word:  # most words: no token
+            return size
         for found in markers.finditer(word):
             size += _TYPICAL.get(found.group(2), url) - len(found.group(0))
         return size
