@@ -6,13 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint bench clean
+.PHONY: help venv demo test lint bench email-clients screenshots clean
 
 help:
 	@echo "make demo   set up, then render the sample post's variants under var/"
 	@echo "make test   set up, lint, then run the tests (SQLite and PostgreSQL)"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make bench  run the benchmarks"
+	@echo "make email-clients  what of our HTML some mail clients lack (caniemail), beyond MJML's"
+	@echo "make screenshots    the sample posts at 600 and 375 px, under docs/screenshots/"
 	@echo "make venv   create .venv and install mailer with its dev tools"
 	@echo "make clean  remove .venv, caches and var/ (the default SQLite database too)"
 
@@ -46,8 +48,9 @@ demo: venv
 	$(BIN)/python examples/demo_track.py
 
 # Debian's docker-compose checks docker-compose.yml in the tests; Postfix bounces a send back
-# to `mailer bounces serve` (test_postfix.py runs a private instance; the system's stays off).
-TEST_TOOLS := /usr/bin/docker-compose /usr/sbin/postfix
+# to `mailer bounces serve` (test_postfix.py runs a private instance; the system's stays off);
+# SpamAssassin scores the sample posts' messages and Chromium lays them out.
+TEST_TOOLS := /usr/bin/docker-compose /usr/sbin/postfix /usr/bin/spamassassin /usr/bin/chromium
 
 test: venv lint $(TEST_TOOLS)
 	$(BIN)/pytest
@@ -77,6 +80,27 @@ $(BENCH_TOOLS):
 /usr/sbin/postfix:
 	$(APT_INSTALL) postfix
 
+/usr/bin/spamassassin:
+	$(APT_INSTALL) spamassassin
+
+/usr/bin/chromium:
+	$(APT_INSTALL) chromium
+
+# doiuse-email (npm) in a folder of its own, pinned; the report never fetches anything itself.
+DOIUSE := .tools/node_modules/@jsx-email/doiuse-email/package.json
+
+email-clients: venv $(DOIUSE)
+	$(BIN)/python -m bench.email_clients
+
+$(DOIUSE): /usr/bin/npm
+	npm install --prefix .tools --no-save --no-audit --no-fund @jsx-email/doiuse-email@1.0.4
+
+/usr/bin/npm:
+	$(APT_INSTALL) nodejs npm
+
+screenshots: venv /usr/bin/chromium
+	$(BIN)/python -m bench.screenshots
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis var .tools
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -60,6 +60,7 @@ class Settings:
     batch_lease: float  # seconds a batch stays claimed by a worker that stopped heartbeating
     schedule_grace: float  # seconds late a scheduled send may still start; later it is missed
     timezone: str  # an IANA zone: `--at` times without an offset are read in it
+    language: str  # a BCP 47 tag: the emails' lang attribute
     stripe_webhook_secret: str  # empty: the tracker refuses every webhook
     metrics_token: str  # empty: the tracker's /metrics answers anyone
     log_format: str  # "text" or "json": how the worker, beat and the tracker write log lines
@@ -243,6 +244,13 @@ def _timezone(value: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError("not a known IANA time zone, such as UTC or Europe/Paris") from None
     return value.strip()
+
+
+def _language(value: str) -> str:
+    tag = value.strip()
+    if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*", tag):
+        raise ValueError("must be a language tag such as en, fr or pt-BR")
+    return tag
 
 
 def _log_format(value: str) -> str:
@@ -486,6 +494,13 @@ FIELDS: tuple[Field, ...] = (
         _timezone,
         "UTC",
         "IANA time zone (e.g. Europe/Paris) of `mailer send --at` times given without an offset",
+    ),
+    Field(
+        "MAILER_LANGUAGE",
+        "language",
+        _language,
+        "en",
+        "Language of the posts (BCP 47: en, fr, pt-BR): the emails' lang, for screen readers",
     ),
     Field(
         "MAILER_STRIPE_WEBHOOK_SECRET",

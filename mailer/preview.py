@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
-from email.message import EmailMessage
 from typing import Literal
 
-from mailer.compose import Composition, Variant
+from mailer.compose import Composition, Variant, mime
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.tracking.tokens import PREVIEW_SEND_ID, Signer
 
@@ -35,8 +32,4 @@ def render_preview(
     if fmt == "eml":
         return message
     # Decode it back as a mail client would, so the preview shows what readers get.
-    parsed = email.message_from_bytes(message, policy=email.policy.default)
-    assert isinstance(parsed, EmailMessage)
-    part = parsed.get_body(("html",) if fmt == "html" else ("plain",))
-    assert part is not None
-    return str(part.get_content()).encode("utf-8")
+    return mime.part(message, "html" if fmt == "html" else "plain").encode("utf-8")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 import typer.main
 from conftest import dev_env
+from smtp_servers import serve
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
@@ -201,3 +205,93 @@ def test_preview_refuses_bad_input(engine: Engine, db_url: str, tmp_path: Path) 
     (tmp_path / "file").write_text("")
     blocked = mailer(tmp_path, "preview", "the-quiet-harbour", "--out", "file/x.html", **env)
     assert_one_error_line(blocked, "--out file/x.html")
+
+
+RAW_HTML_POST = """\
+---
+title: Raw Bits
+---
+Some <b>bold</b> and <script>alert(1)</script> a [trap](javascript:alert(1)).
+"""
+
+
+def big_post() -> str:
+    paragraph = "A sentence of a very long post that Gmail will clip. " * 20
+    return "---\ntitle: The Long One\n---\n\n" + "\n\n".join([paragraph] * 120) + "\n"
+
+
+def test_posts_add_and_preview_warn_about_removed_html_and_clipping(
+    db_url: str, tmp_path: Path
+) -> None:
+    env = {"MAILER_DATABASE_URL": db_url}
+    assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0
+    (tmp_path / "raw.md").write_text(RAW_HTML_POST)
+    added = mailer(tmp_path, "posts", "add", "raw.md", "--json", **env)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == {"slug": "raw-bits", "created": True}
+    assert added.stderr == (
+        "warning: removed from the post: <script>, "
+        "link to 'javascript:alert(1)' (its text is kept)\n"
+    )
+    shown = mailer(tmp_path, "preview", "raw-bits", **env)
+    assert "<b>bold</b>" in shown.stdout and "alert" not in shown.stdout
+    assert "a trap." in shown.stdout
+
+    (tmp_path / "big.md").write_text(big_post())
+    added = mailer(tmp_path, "posts", "add", "big.md", **env)
+    assert (added.returncode, added.stdout) == (0, "created the-long-one\n")
+    assert re.fullmatch(
+        r"warning: the paid variant's HTML is 1\d\d KB, over Gmail's 102 KB limit: Gmail will "
+        r"clip it, hiding its end with the unsubscribe link and the open pixel\n",
+        added.stderr,
+    )
+    preview = mailer(tmp_path, "preview", "the-long-one", "--out", "big.html", **env)
+    assert preview.returncode == 0 and preview.stderr == added.stderr
+
+
+def test_send_asks_before_sending_a_post_gmail_will_clip(db_url: str, tmp_path: Path) -> None:
+    env = {"MAILER_DATABASE_URL": db_url, "MAILER_BROKER_URL": "redis://127.0.0.1:1/0"}
+    assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0
+    (tmp_path / "big.md").write_text(big_post())
+    assert mailer(tmp_path, "posts", "add", "big.md", **env).returncode == 0
+    assert mailer(tmp_path, "subscribers", "add", "ana@example.com", **env).returncode == 0
+
+    # Asked at a terminal, and answered no: nothing is sent or planned.
+    leader, follower = pty.openpty()
+    os.write(leader, b"n\n")  # typed ahead; the terminal keeps it for the question
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    try:
+        asked = subprocess.run(
+            [sys.executable, "-m", "mailer", "send", "the-long-one", "--segment", "all"],
+            cwd=tmp_path,
+            env={**clean, **env},
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert asked.returncode == 1
+    assert "warning: the paid variant's HTML is" in asked.stderr
+    assert "Gmail will clip it. Send it anyway? [y/N]" in asked.stderr
+    # Without a terminal it needs --yes; with it, the send goes out.
+    refused = mailer(tmp_path, "send", "the-long-one", "--segment", "all", **env)
+    assert refused.returncode == 1 and "pass --yes" in refused.stderr
+    assert json.loads(mailer(tmp_path, "sends", "list", "--json", **env).stdout) == []
+    with serve() as smtp:
+        sent = mailer(
+            tmp_path,
+            "send",
+            "the-long-one",
+            "--segment",
+            "all",
+            "--yes",
+            "--wait",
+            **env,
+            MAILER_SMTP_URL=f"smtp://127.0.0.1:{smtp.settings().port}",
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "warning: the paid variant's HTML is" in sent.stderr
+        assert len(smtp.handler.messages) == 1

@@ -175,6 +175,15 @@ def test_send_track_convert_and_count(
             answer = http.get(ana_pixel, headers={"User-Agent": THUNDERBIRD})
             assert answer.status_code == 200 and answer.headers["content-type"] == "image/gif"
             assert "no-store" in answer.headers["cache-control"]
+            # She opens the web version too: her free variant, filled in for her, no pixel.
+            ana_html = messages["ana@example.com"].get_body(("html",))
+            assert ana_html is not None
+            view = re.search(r'href="([^"]+/v/[^"]+)"', ana_html.get_content())
+            assert view is not None
+            web = http.get(view.group(1), headers={"User-Agent": THUNDERBIRD})
+            assert web.status_code == 200 and "Hello reader." in web.text
+            assert "Keep reading with a 7-day free trial" in web.text
+            assert "/o/" not in web.text and "The rest is for paying readers" not in web.text
 
             ben_pixel, _, ben_unsubscribe = urls_of(messages["ben@example.com"])
             assert http.get(ben_pixel, headers={"User-Agent": APPLE_PROXY}).status_code == 200

@@ -49,6 +49,12 @@ def engine() -> Engine:
     return cast(Engine, ctx.meta[_ENGINE])
 
 
+def warn(lines: list[str]) -> None:
+    """Tell the user on stderr, leaving stdout to the command's result."""
+    for line in lines:
+        typer.echo(f"warning: {line}", err=True)
+
+
 def print_json(document: Any) -> None:
     """Print one JSON document on stdout: with --json, nothing else may go there."""
     typer.echo(json.dumps(document, ensure_ascii=False))

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.common import JsonFlag, engine, print_json, settings
+from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
+from mailer.compose import Publication, compose
 from mailer.db import session
 from mailer.db.posts_repo import list_posts, save_post
 from mailer.posts import parse_post
@@ -22,8 +23,12 @@ def add(
     ],
     as_json: JsonFlag = False,
 ) -> None:
-    """Add a post, or replace the post with the same slug."""
-    post = parse_post(file, settings().post_max_size)  # a bad setting is reported first
+    """Add a post, or replace the post with the same slug.
+
+    Warns about markup the raw HTML policy removes and variants Gmail would clip."""
+    config = settings()  # a bad setting is reported before the file
+    post = parse_post(file, config.post_max_size)
+    warn(compose(post, Publication.from_settings(config)).warnings())
     with session(engine()) as s:
         created = save_post(s, post, source=str(file))
     if as_json:

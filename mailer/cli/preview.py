@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.common import engine, settings
+from mailer.cli.common import engine, settings, warn
 from mailer.compose import Publication, compose
 from mailer.db import session
 from mailer.db.posts_repo import get_post
@@ -50,6 +50,7 @@ def preview(
     with session(engine()) as s:
         post = get_post(s, slug)
     composition = compose(post, Publication.from_settings(config))
+    warn(composition.warnings())
     data = render_preview(
         composition,
         variant.value,

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy.orm import Session
 
 from mailer import db, sends
-from mailer.cli.common import JsonFlag, engine, print_json, settings
+from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
 from mailer.compose import VARIANTS, Publication, compose
 from mailer.config import Settings
 from mailer.db.posts_repo import get_post
@@ -74,9 +74,11 @@ def send(
         f"({reach.free} get the free variant, {reach.paid} the paid one)"
         + (f", at {scheduled_at.isoformat()}" if scheduled_at else "")
     )
-    _confirm("Send it?", yes)
-    asyncio.run(probe(config.smtp, config.smtp_connect_timeout))
     composition = compose(post, Publication.from_settings(config))
+    warn(composition.warnings())
+    clipped = any(composition.variant(v).clipped for v in VARIANTS)
+    _confirm("Gmail will clip it. Send it anyway?" if clipped else "Send it?", yes)
+    asyncio.run(probe(config.smtp, config.smtp_connect_timeout))
     with db.session(engine()) as session:
         send_id = sends.create(
             session,
@@ -135,6 +137,7 @@ def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
     """Both variants to one address, marked "[Test]", outside the ledger."""
     composition = compose(post, Publication.from_settings(config), subject_prefix="[Test] ")
+    warn(composition.warnings())
     from mailer.delivery.dkim import signer_from_settings
 
     signer = Signer(config.secret_keys)

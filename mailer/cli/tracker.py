@@ -123,6 +123,7 @@ def app_from_settings() -> ASGIApp:
         metrics=functools.partial(_metrics, config, database, buffer),
         metrics_token=config.metrics_token,
         max_body=config.tracker_max_body,
+        tracker_url=config.tracker_url,
     )
 
 

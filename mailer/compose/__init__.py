@@ -2,7 +2,9 @@
 
 Markdown → Jinja2 MJML → mjml-python → premailer → HTML; the same body → plain text; both → one
 MIME message per variant with per-recipient tokens (``@@nonce:ctx:name@@``) that
-``mailer.delivery.personalise`` fills in with a byte join.
+``mailer.delivery.personalise`` fills in with a byte join. Everything a reader's copy needs
+beyond its tokens (the preheader, the web version's link, the text part's line breaks) is
+settled here, once per variant.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ from mailer.posts import Post, slugify
 Variant = Literal["free", "paid"]
 VARIANTS: tuple[Variant, ...] = ("free", "paid")
 
-GMAIL_CLIP_BYTES = 102 * 1024
+GMAIL_CLIP_BYTES = 102 * 1024  # Gmail shows a larger HTML part cut, behind "[Message clipped]"
 _PREHEADER_CHARS = 140
 _MERGE_TAG = re.compile(r"\{\{\s*(name|email)\s*\}\}")
 _HREF = re.compile(r'(<a\b[^>]*?\bhref=")(https?://[^"]+)(")', re.IGNORECASE)
+_URL_TOKENS = ("unsubscribe_url", "pixel_url", "view_url")
+# How long a token's value gets, for wrapping the text part and sizing the HTML: a tracker URL
+# ends in at most 34 characters (base64url of kind, send, reader and link numbers, and the MAC);
+# names and addresses are a typical reader's.
+_TOKEN_CHARS = 34
+_TYPICAL = {"name": 24, "email": 32}
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class Publication:
     site_url: str
     tracker_url: str
     from_address: str
+    language: str = "en"  # a BCP 47 tag: the HTML's lang, for screen readers and hyphenation
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publication:
@@ -51,6 +60,7 @@ class Publication:
             site_url=settings.site_url,
             tracker_url=settings.tracker_url,
             from_address=settings.from_address,
+            language=settings.language,
         )
 
 
@@ -64,10 +74,16 @@ class MessageTemplate:
     html: str  # with markers, for previews and tests
     text: str
     mime: bytes  # the whole message, with markers, ready to personalise
+    html_bytes: int  # the HTML part's size for a typical reader, tokens filled in
 
     @property
     def markers(self) -> re.Pattern[str]:
         return mime.marker_pattern(self.nonce)
+
+    @property
+    def clipped(self) -> bool:
+        """Whether Gmail will clip this variant, hiding its end (footer, unsubscribe, pixel)."""
+        return self.html_bytes > GMAIL_CLIP_BYTES
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,23 @@ class Composition:
     free: MessageTemplate
     paid: MessageTemplate
     links: tuple[str, ...]  # link_N in a template is links[N]; clicks redirect only here
+    removed: tuple[str, ...]  # raw HTML and links the body's sanitising removed
 
     def variant(self, name: Variant) -> MessageTemplate:
         return self.free if name == "free" else self.paid
+
+    def warnings(self) -> list[str]:
+        """What the author should hear before sending: removed markup, clipped variants."""
+        found = [f"removed from the post: {', '.join(self.removed)}"] if self.removed else []
+        variants = (self.paid,) if self.free is self.paid else (self.free, self.paid)
+        found += [
+            f"the {t.variant} variant's HTML is {t.html_bytes / 1024:.0f} KB, over Gmail's "
+            f"{GMAIL_CLIP_BYTES // 1024} KB limit: Gmail will clip it, hiding its end with the "
+            "unsubscribe link and the open pixel"
+            for t in variants
+            if t.clipped
+        ]
+        return found
 
 
 _env = jinja2.Environment(
@@ -92,6 +122,15 @@ _text_env = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
 )
+
+
+@jinja2.pass_context
+def _wrap_filter(context: jinja2.runtime.Context, text: str) -> str:
+    """``{% filter wrap %}``: each line wrapped, tokens counted at their values' size."""
+    return "\n".join(markdown.wrap(line, measure=context["measure"]) for line in text.split("\n"))
+
+
+_text_env.filters["wrap"] = _wrap_filter
 # cssutils reports every MJML vendor property it does not know; none of it is actionable.
 logging.getLogger("CSSUTILS").setLevel(logging.CRITICAL)
 
@@ -127,12 +166,22 @@ def compose(
     nonce = secrets.token_hex(8)
     links = _Links(f"@@{nonce}:{{ctx}}:{{name}}@@")
     shared = _Shared(
-        post, publication, post.date or today or dt.date.today(), subject_prefix + post.title, nonce
+        post,
+        publication,
+        post.date or today or dt.date.today(),
+        subject_prefix + post.title,
+        nonce,
+        _measure(nonce, publication.tracker_url),
     )
-    paid = _variant(shared, links, "paid")
-    free = _variant(shared, links, "free") if post.has_paywall else paid
+    whole = markdown.to_html(post.body)
+    paid = _variant(shared, links, "paid", whole.html)
+    free = (
+        paid
+        if post.free_body is None
+        else _variant(shared, links, "free", markdown.to_html(post.free_body).html)
+    )
     urls = tuple(sorted(links.numbers, key=links.numbers.__getitem__))
-    return Composition(free=free, paid=paid, links=urls)
+    return Composition(free=free, paid=paid, links=urls, removed=whole.removed)
 
 
 @dataclass(frozen=True)
@@ -144,9 +193,26 @@ class _Shared:
     day: dt.date
     subject: str
     nonce: str
+    measure: markdown.Measure
 
 
-def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplate:
+def _measure(nonce: str, tracker_url: str) -> markdown.Measure:
+    """A word's width once its tokens are filled in: a link's at most, a name's typically."""
+    url = len(tracker_url) + len("/c/") + _TOKEN_CHARS
+    markers = mime.marker_pattern(nonce)
+
+    def measure(word: str) -> int:
+        size = len(word)
+        if "@@" not in word:  # most words: no token
+            return size
+        for found in markers.finditer(word):
+            size += _TYPICAL.get(found.group(2), url) - len(found.group(0))
+        return size
+
+    return measure
+
+
+def _variant(shared: _Shared, links: _Links, variant: Variant, body_html: str) -> MessageTemplate:
     post, pub, day, subject, nonce = (
         shared.post,
         shared.pub,
@@ -156,11 +222,9 @@ def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplat
     )
     marker = links.marker
     paywall = variant == "free" and post.has_paywall
-    body_md = post.free_body if paywall and post.free_body is not None else post.body
-    body_html = markdown.to_html(body_md)
 
     def tokens(ctx: str) -> dict[str, str]:
-        names = ("name", "email", "unsubscribe_url", "pixel_url")
+        names = ("name", "email", *_URL_TOKENS)
         return {n: marker.format(ctx=ctx, name=n) for n in names}
 
     urls = {
@@ -172,7 +236,6 @@ def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplat
     context = urls | {
         "post": post,
         "publication": pub,
-        "preheader": post.preheader or _default_preheader(post, body_html),
         "date_text": f"{day:%b} {day.day}, {day:%Y}",
         "year": day.year,
         "paywall": paywall,
@@ -180,19 +243,31 @@ def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplat
     }
     html_tokens = tokens("m")
     body = _MERGE_TAG.sub(lambda m: html_tokens[m.group(1)], body_html)
-    mjml = _env.get_template("post.mjml.j2").render(context | html_tokens, body_html=Markup(body))
-    html = links.track_html(_inline(mjml2html(mjml, disable_comments=True, fonts={})))
+    # Escaped like the rest of the page, then each merge tag becomes the reader's value.
+    preheader = _MERGE_TAG.sub(
+        lambda m: html_tokens[m.group(1)],
+        htmlmod.escape(post.preheader or _default_preheader(post, body_html)),
+    )
+    mjml = _env.get_template("post.mjml.j2").render(
+        context | html_tokens, body_html=Markup(body), preheader=Markup(preheader)
+    )
+    compiled = mjml2html(mjml, disable_comments=True, fonts={}).replace(
+        "<title></title>", f"<title>{htmlmod.escape(post.title)}</title>", 1
+    )
+    # premailer drops the doctype, without which clients render in quirks mode.
+    html = "<!doctype html>\n" + links.track_html(_inline(compiled))
 
     text_tokens = tokens("t")
     link_text = {url: links.token("t", url) for url in _hrefs(body_html)}
-    body_text = _MERGE_TAG.sub(
-        lambda m: text_tokens[m.group(1)], markdown.to_text(body_html, link_text)
+    measure = shared.measure
+    body_text = markdown.to_text(
+        _MERGE_TAG.sub(lambda m: text_tokens[m.group(1)], body_html), link_text, measure
     )
     text = _text_env.get_template("post.txt.j2").render(
         context
         | text_tokens
         | {key: links.token("t", url) for key, url in urls.items()}
-        | {"body_text": body_text}
+        | {"body_text": body_text, "measure": measure}
     )
     text = re.sub(r"\n{3,}", "\n\n", text)  # optional blocks leave blank runs
 
@@ -216,9 +291,17 @@ def _variant(shared: _Shared, links: _Links, variant: Variant) -> MessageTemplat
         # Gmail's Feedback Loop groups complaints by these fields: send, variant, type, sender.
         f"Feedback-ID: {header_token['send']}:{variant}:newsletter:{list_id}\r\n",
     ]
-    message = mime.build(headers, text, html, f"=_mailer_{nonce}", mime.marker_pattern(nonce))
+    markers = mime.marker_pattern(nonce)
+    message = mime.build(headers, text, html, f"=_mailer_{nonce}", markers)
     return MessageTemplate(
-        variant=variant, subject=subject, nonce=nonce, html=html, text=text, mime=message
+        variant=variant,
+        subject=subject,
+        nonce=nonce,
+        html=html,
+        text=text,
+        mime=message,
+        html_bytes=len(html.encode())
+        + sum(measure(m.group(0)) - len(m.group(0)) for m in markers.finditer(html)),
     )
 
 
@@ -230,6 +313,9 @@ def _inline(html: str) -> str:
             disable_validation=True,
             remove_classes=False,  # MJML's media queries select on them
             strip_important=False,
+            # CSS sizes stay CSS: `height: auto` made an invalid attribute, and an image's
+            # width attribute (for Outlook) is the composer's to set.
+            disable_basic_attributes=["width", "height"],
             cssutils_logging_level=logging.CRITICAL,
         ).transform()
     )
@@ -240,11 +326,17 @@ def _hrefs(html: str) -> list[str]:
 
 
 def _default_preheader(post: Post, body_html: str) -> str:
+    """The subtitle, else the start of the body as readers see it: merge tags are kept whole
+    (never cut) for the caller to fill in, and count as a short word."""
     if post.subtitle:
         return post.subtitle
-    text = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", body_html)).split())
-    return (
-        text
-        if len(text) <= _PREHEADER_CHARS
-        else text[: _PREHEADER_CHARS - 1].rsplit(" ", 1)[0] + "…"
-    )
+    text = htmlmod.unescape(re.sub(r"<[^>]+>", " ", body_html))
+    words = _MERGE_TAG.sub(lambda m: "{{" + m.group(1) + "}}", text).split()
+    kept: list[str] = []
+    size = 0
+    for word in words:
+        size += len(_MERGE_TAG.sub("Reader", word)) + bool(kept)
+        if size > _PREHEADER_CHARS - 1:
+            return " ".join(kept) + "…"
+        kept.append(word)
+    return " ".join(kept)

@@ -7,10 +7,13 @@ under 76 characters: personalisation is a byte join, never a re-encode of the me
 
 from __future__ import annotations
 
+import email
 import email.policy
 import email.quoprimime
 import re
 from collections.abc import Iterable
+from email.message import EmailMessage
+from typing import Literal
 
 _POLICY = email.policy.SMTP
 SOFT_BREAK = "=\r\n"
@@ -68,3 +71,12 @@ def build(
         ]
     lines.append(f"--{boundary}--\r\n")
     return "".join(lines).encode("ascii")
+
+
+def part(message: bytes, subtype: Literal["html", "plain"]) -> str:
+    """One part of a built message, decoded as a mail client would (markers stay whole)."""
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    body = parsed.get_body((subtype,))
+    assert body is not None
+    return str(body.get_content())

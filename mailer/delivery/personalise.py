@@ -17,7 +17,7 @@ from typing import Protocol
 from mailer.tracking.tokens import Kind, SendSigner, Signer, varint
 
 NAME_FALLBACK = "reader"
-_URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url"})
+_URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url", "view_url"})
 _QP_SAFE = re.compile(rb"[!-<>-~]{0,74}")  # printable ASCII but '=', short enough for one line
 
 
@@ -131,6 +131,7 @@ class Personaliser:
             "unsubscribe_token": unsubscribe,
             "unsubscribe_url": f"{base}/u/{unsubscribe}",
             "pixel_url": f"{base}/o/{sign(Kind.OPEN, sub)}.gif",
+            "view_url": f"{base}/v/{sign(Kind.VIEW, sub)}",
         }
         for name, link in self._links:
             values[name] = f"{base}/c/{sign(Kind.CLICK, sub, link)}"

@@ -1,4 +1,4 @@
-"""The tracker: open pixels, tracked links, one-click unsubscribes and Stripe webhooks.
+"""The tracker: open pixels, tracked links, one-click unsubscribes, web versions, Stripe webhooks.
 
 Opens and clicks never wait on the database: the answer goes out first, then the event is
 appended to the buffer, and a ``Flusher`` started with the app writes it in the background.
@@ -49,6 +49,7 @@ from mailer.errors import MailerError
 from mailer.subscribers import unsubscribe_by_id
 from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher
 from mailer.tracking.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
+from mailer.tracking.webview import WebVersions
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ PAGE_HEADERS = NO_STORE | {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     "Referrer-Policy": "no-referrer",
     "X-Robots-Tag": "noindex",
+}
+# A web version shows the post's images, from wherever its author put them; nothing else loads.
+VIEW_HEADERS = PAGE_HEADERS | {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src https: http:"
 }
 ONE_CLICK = ("List-Unsubscribe", "One-Click")  # RFC 8058
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -360,6 +365,7 @@ def create_app(
     metrics: Callable[[], bytes] | None = None,
     metrics_token: str = "",
     max_body: int = MAX_BODY,
+    tracker_url: str | None = None,
 ) -> ASGIApp:
     """The tracker as an ASGI app.
 
@@ -370,7 +376,8 @@ def create_app(
     without it the route does not exist. ``trust_proxy``: take the client address from
     X-Forwarded-For (its first address). ``metrics()`` answers ``GET /metrics`` (in a thread),
     to requests bearing ``metrics_token`` if it is set. A request body over ``max_body``
-    bytes gets 413.
+    bytes gets 413. ``tracker_url``, the tracker's public URL (its links in a web version lead
+    there), enables ``GET /v/TOKEN``, the web version.
     """
     tracker = Tracker(engine, signer, site_url, buffer, trust_proxy=trust_proxy)
     routes = [
@@ -386,6 +393,9 @@ def create_app(
         )
     if metrics is not None:
         routes.append(Route("/metrics", _metrics(metrics, metrics_token), methods=["GET"]))
+    if tracker_url is not None:
+        pages = WebVersions(engine, signer, tracker_url)
+        routes.append(Route("/v/{token}", _view(tracker, pages), methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -457,6 +467,25 @@ def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _view(tracker: Tracker, pages: WebVersions) -> Callable[[Request], Awaitable[Response]]:
+    async def view(request: Request) -> Response:
+        token = tracker.token(request, Kind.VIEW)
+        if token is None:
+            return _not_found()
+        try:
+            page = await pages.page(token.send_id, token.subscriber_id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read send %d for its web version: %s", token.send_id, exc)
+            return PlainTextResponse("try again shortly\n", 503, {"Retry-After": "5"})
+        if page is None:
+            return _not_found()
+        # The reader opened their copy: an open, classified like the pixel's.
+        tracker.buffer.put(tracker.event(request.scope, "open", token))
+        return HTMLResponse(page, headers=VIEW_HEADERS)
+
+    return view
 
 
 def _webhook(handle: StripeWebhook, max_body: int) -> Callable[[Request], Awaitable[Response]]:

@@ -27,6 +27,7 @@ class Kind(IntEnum):
     UNSUBSCRIBE = 3
     REF = 4  # carried from the paywall button to the subscribe page
     BOUNCE = 5  # in the VERP envelope sender, so a bounce names its send and reader
+    VIEW = 6  # the web version of the message the reader got ("View in browser")
 
 
 @dataclass(frozen=True)
