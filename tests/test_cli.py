@@ -259,12 +259,11 @@ def test_send_asks_before_sending_a_post_gmail_will_clip(db_url: str, tmp_path: 
     # Asked at a terminal, and answered no: nothing is sent or planned.
     leader, follower = pty.openpty()
     os.write(leader, b"n\n")  # typed ahead; the terminal keeps it for the question
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     try:
         asked = subprocess.run(
             [sys.executable, "-m", "mailer", "send", "the-long-one", "--segment", "all"],
             cwd=tmp_path,
-            env={**clean, **env},
+            env=dev_env(**env),
             stdin=follower,
             capture_output=True,
             text=True,

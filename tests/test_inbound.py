@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import mailbox
-import os
 import shutil
 import smtplib
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from conftest import dev_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
@@ -424,13 +424,12 @@ def test_serve_takes_only_our_addresses_and_answers_after_the_commit(
     ledger: Ledger, db_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-        "MAILER_DATABASE_URL": db_url,
-        "MAILER_SECRET_KEY": SECRET,
-        "MAILER_FROM": "News <news@example.com>",
-        "MAILER_FEEDBACK_ADDRESS": "fbl@example.com",
-    }
+    env = dev_env(
+        MAILER_DATABASE_URL=db_url,
+        MAILER_SECRET_KEY=SECRET,
+        MAILER_FROM="News <news@example.com>",
+        MAILER_FEEDBACK_ADDRESS="fbl@example.com",
+    )
     with Processes() as processes:
         server = processes.start(
             [str(BIN / "mailer"), "bounces", "serve", "--port", str(port)], env, tmp_path / "log"
