@@ -44,7 +44,7 @@ from bench.databases import postgres_database, redis_server
 from bench.processes import accepts, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
-from mailer.config import load_settings
+from mailer.config import Settings, load_settings
 from mailer.db.models import DeliveryRow
 from mailer.db.posts_repo import save_post
 from mailer.delivery.personalise import Personaliser, Recipient
@@ -397,6 +397,16 @@ def _versus(rate: float, baseline: float, name: str, target: float) -> str:
     return f"{ratio:.3g}x ({name}), target >= {target}: {'met' if ratio >= target else 'missed'}"
 
 
+def paid_message(composition: Composition, settings: Settings) -> bytes:
+    """The pipeline's own paid message for one reader, personalised as a worker does."""
+    return Personaliser(
+        composition.paid,
+        send_id=1,
+        signer=Signer(settings.secret_keys),
+        tracker_url=settings.tracker_url,
+    ).personalise(Recipient(1, "reader1@gmail.com", "Ana Lima"))
+
+
 def main() -> list[Row]:
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="delivery_bench_")))
@@ -407,12 +417,7 @@ def main() -> list[Row]:
         settings = load_settings(envs[0], env_file=None)
         post, composition = bench_post(Publication.from_settings(settings))
         # Baseline (a) sends the very bytes the pipeline sends: the paid variant, personalised.
-        message = Personaliser(
-            composition.paid,
-            send_id=1,
-            signer=Signer(settings.secret_keys),
-            tracker_url=settings.tracker_url,
-        ).personalise(Recipient(1, "reader1@gmail.com", "Ana Lima"))
+        message = paid_message(composition, settings)
 
         source_rate = baseline_source(sink)
         loop_rate = baseline_loop(sink, message)

@@ -19,14 +19,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.delivery_bench import smtp_sink
+from bench.delivery_bench import paid_message, smtp_sink
 from bench.send_bench import POST, Row, one_size, print_row
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.delivery.dkim import DkimKey, DkimSigner, generate_key, private_pem
-from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
-from mailer.tracking.tokens import Signer
 
 SIZE = int(os.environ.get("BENCH_DKIM_SIZE", "20000"))
 TARGET = 0.7
@@ -49,14 +47,9 @@ def _keys(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 def signature_cost(ed25519_key: bool) -> float:
     """Microseconds to sign the pipeline's paid message once with one key of that type."""
-    settings = load_settings({}, env_file=None)
+    settings = load_settings({"MAILER_ENV": "dev"}, env_file=None)
     composition = compose(parse_post(POST), Publication.from_settings(settings))
-    message = Personaliser(
-        composition.paid,
-        send_id=1,
-        signer=Signer(settings.secret_keys),
-        tracker_url=settings.tracker_url,
-    ).personalise(Recipient(1, "reader1@gmail.com", "Ana Lima"))
+    message = paid_message(composition, settings)
     key = DkimKey(DOMAIN, "bench", generate_key(ed25519_key))
     signer = DkimSigner([key])
     start = time.perf_counter()

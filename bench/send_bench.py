@@ -37,16 +37,21 @@ from types import MappingProxyType
 from celery import Celery
 
 from bench.databases import redis_server
-from bench.delivery_bench import Sink, _cpu_seconds, _pids_in_group, baseline_loop, smtp_sink
+from bench.delivery_bench import (
+    Sink,
+    _cpu_seconds,
+    _pids_in_group,
+    baseline_loop,
+    paid_message,
+    smtp_sink,
+)
 from bench.processes import stop, wait_for
 from mailer import db
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.db.posts_repo import save_post
-from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
 from mailer.subscribers.importer import import_csv
-from mailer.tracking.tokens import Signer
 
 SIZES = [int(n) for n in os.environ.get("BENCH_SEND_SIZES", "20000,100000").split(",")]
 TARGETS = {20_000: 1.0, 100_000: 1.2}
@@ -126,12 +131,7 @@ def one_size(readers: int, sink: Sink, extra: Mapping[str, str] = MappingProxyTy
         post = parse_post(POST)
         composition = compose(post, Publication.from_settings(settings))
         # The baseline sends the very bytes the pipeline sends: the paid variant, personalised.
-        message = Personaliser(
-            composition.paid,
-            send_id=1,
-            signer=Signer(settings.secret_keys),
-            tracker_url=settings.tracker_url,
-        ).personalise(Recipient(1, "reader1@gmail.com", "Ana Lima"))
+        message = paid_message(composition, settings)
 
         url = f"sqlite:///{folder / 'var' / 'mailer.db'}"  # the default, under the folder
         db.upgrade(url)
