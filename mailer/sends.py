@@ -275,6 +275,22 @@ def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: st
     return True
 
 
+def expect_run(session: Session, send_id: int, batch_no: int, *, within: dt.timedelta) -> None:
+    """Note that a released batch runs again within ``within``: if no run holds it by then,
+    ``stalled_batches`` counts it stalled. A task held for later (a countdown) lives only in
+    the worker that holds it, so a worker killed outright takes it along until the broker's
+    visibility timeout (hours); the reconciler enqueues the batch again instead."""
+    session.execute(
+        update(SendBatchRow)
+        .where(
+            SendBatchRow.send_id == send_id,
+            SendBatchRow.batch_no == batch_no,
+            SendBatchRow.lease_owner.is_(None),  # a run holds it: its own lease says it
+        )
+        .values(lease_until=utcnow() + within)
+    )
+
+
 def finish_if_done(session: Session, send_id: int) -> bool:
     """Mark a sending send ``done`` once no reader is left to try; True if it is done now."""
     pending = session.scalar(
@@ -379,7 +395,9 @@ def _span(delta: dt.timedelta) -> str:
 def stalled_batches(session: Session, *, orphans: bool = False) -> list[tuple[int, int]]:
     """(send, batch) pairs of sending sends that no live run holds and nothing else would run.
 
-    Always: a lease that expired unreleased, with readers left (its worker died). With
+    Always: a ``lease_until`` passed with readers left: a lease that expired unreleased (its
+    worker died), or a released batch whose next run is overdue (``expect_run``: its countdown
+    task died with the worker that held it). With
     ``orphans`` (the caller knows that no task exists anywhere), also every batch nobody holds
     with readers due now: its task was lost with the broker's data, or never published.
     """

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from smtp_servers import Outage, SmtpServer, serve, wait_until
+import redis
+from smtp_servers import Outage, SmtpServer, greylist, serve, wait_until
 from sqlalchemy import Engine, make_url, select, text
 from sqlalchemy.exc import OperationalError
 from workers import (
@@ -373,3 +374,50 @@ def test_sigterm_then_sigkill_then_new_worker(engine: Engine, db_url: str, tmp_p
         r.wait_done()
         r.check()
         assert exited_after is not None, r.report("the worker ignored SIGTERM for 10 s")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_killed_holding_a_batch_s_next_run(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """9. Every reader is greylisted, so the batch's next run is a task held for later (a
+    countdown) in the worker; the worker is SIGKILLed while it holds it. The task stays in the
+    broker's unacknowledged hash until the visibility timeout (hours); the reconciler of a new
+    worker runs the batch once its next run is overdue."""
+    readers = add_readers(engine, 6)
+    (tmp_path / "post.md").write_text(POST)
+    with (
+        RedisServer(tmp_path / "redis") as broker,
+        serve(greylist()) as server,
+        Processes() as processes,
+    ):
+        env = environment(
+            db_url,
+            broker.url,
+            server.settings().port,
+            MAILER_RETRY_BACKOFF="5s",
+            MAILER_BATCH_LEASE="2s",
+        )
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        first = start_worker(processes, env, tmp_path / "first.log", name="first")
+        send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
+        client = redis.Redis.from_url(broker.url)
+
+        def holding_the_next_run() -> bool:
+            with db.session(engine) as session:
+                info = sends.show(session, send_id)
+            return info.counts.get("deferred") == len(readers) and client.hlen("unacked") == 1
+
+        wait_until(holding_the_next_run, timeout=30)
+        kill(first)
+        assert client.hlen("unacked") == 1, "the killed worker's next run left the broker"
+        start_worker(processes, env, tmp_path / "second.log", name="second")
+
+        def done() -> bool:
+            with db.session(engine) as session:
+                return sends.status(session, send_id) == "done"
+
+        wait_until(done, timeout=90)
+        client.close()
+        accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
+    assert accepted == Counter(readers), "each reader got exactly one message"

@@ -82,6 +82,8 @@ def deliver_batch(self: Task, send_id: int, batch_no: int) -> dict[str, Any]:
         _announce(send_id)
     again = next_run(result, interruptions=self.request.retries)
     shown = self.request.argsrepr  # the label enqueue gave it, kept by every next run
+    if again is not None:
+        runtime().expect_next_run(send_id, batch_no, again)
     if result.outcome == "interrupted":
         raise self.retry(countdown=again, argsrepr=shown)
     if again is not None:

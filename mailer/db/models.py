@@ -270,6 +270,8 @@ class SendBatchRow(Base):
     )
     batch_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
+    # When the reconciler may take the batch for stalled: while a run holds it, when that
+    # run's lease expires; once released with a next run scheduled, when that run is overdue.
     lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
 
 

@@ -8,6 +8,7 @@ Both ask ``next_run`` when a batch should run again: the one place that rule liv
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import time
@@ -138,6 +139,22 @@ class Runtime:
                 extra={"send_id": send_id, "batch_no": batch_no},
             )
             return BatchResult("interrupted", error=str(exc))
+
+    def expect_next_run(self, send_id: int, batch_no: int, after: float) -> None:
+        """Note that the batch runs again within ``after`` seconds, and a lease of grace: if
+        that run's task is lost, the reconciler enqueues the batch once the time has passed."""
+        within = dt.timedelta(seconds=after + self.policy.lease)
+        try:
+            with db.session(self.engine) as session:
+                sends.expect_run(session, send_id, batch_no, within=within)
+        except (MailerError, DBAPIError) as exc:  # the run is still scheduled: only the net is not
+            log.warning(
+                "batch %s of send %s: could not note its next run: %s",
+                batch_no,
+                send_id,
+                exc,
+                extra={"send_id": send_id, "batch_no": batch_no},
+            )
 
     def _settle(self, send_id: int, batch_no: int, result: BatchResult) -> BatchResult:
         """Record what the batch's outcome means for its send."""
