@@ -369,6 +369,25 @@ def test_a_pause_mid_batch_strands_nobody(setup: Setup) -> None:
     assert info.counts["unknown"] == 0 and info.status == "done"
 
 
+def test_a_released_batch_is_stalled_once_its_next_run_is_overdue(setup: Setup) -> None:
+    send_id = setup.create_send(setup.settings(0))
+    late, soon = dt.timedelta(seconds=-1), dt.timedelta(hours=1)
+    with db.session(setup.engine) as session:
+        assert sends.stalled_batches(session) == []
+        sends.expect_run(session, send_id, 0, within=late)
+        sends.expect_run(session, send_id, 1, within=soon)
+        # A run holds batch 2: its lease, not a note of a next run, says when it is stalled.
+        session.execute(
+            update(SendBatchRow)
+            .where(SendBatchRow.batch_no == 2)
+            .values(lease_owner="alive", lease_until=utcnow() + soon)
+        )
+        sends.expect_run(session, send_id, 2, within=late)
+        assert sends.stalled_batches(session) == [(send_id, 0)]
+        sends.expect_run(session, send_id, 0, within=soon)  # enqueued again: wait a while
+        assert sends.stalled_batches(session) == []
+
+
 def test_messages_in_flight_at_a_crash_become_unknown_and_are_not_resent(setup: Setup) -> None:
     with serve() as server:
         settings = setup.settings(server.settings().port)

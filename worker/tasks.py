@@ -140,6 +140,8 @@ def reconcile() -> int:
         by_send.setdefault(send_id, []).append(batch_no)
     for send_id, batches in by_send.items():
         enqueue(runtime().engine, send_id, batches)
+        for batch_no in batches:  # not enqueued again at every tick while the queue is long
+            runtime().expect_next_run(send_id, batch_no, 0.0)
     return len(stalled)
 
 
