@@ -41,7 +41,7 @@ from celery import Celery
 from sqlalchemy import Engine, func, select, text
 
 from bench.databases import postgres_database, redis_server
-from bench.processes import accepts, free_port, stop, wait_for
+from bench.processes import accepts, dev_env, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
 from mailer.config import Settings, load_settings
@@ -254,15 +254,13 @@ def bench_post(publication: Publication) -> tuple[Post, Composition]:
 def mailer_env(
     url: str, broker: str, sink: Sink, concurrency: int, batch_size: int
 ) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-        "MAILER_ENV": "dev",  # the built-in signing key: these mails go to a sink
-        "MAILER_DATABASE_URL": url,
-        "MAILER_BROKER_URL": broker,
-        "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",
-        "MAILER_SMTP_CONCURRENCY": str(concurrency),
-        "MAILER_BATCH_SIZE": str(batch_size),
-    }
+    return dev_env(
+        MAILER_DATABASE_URL=url,
+        MAILER_BROKER_URL=broker,
+        MAILER_SMTP_URL=f"smtp://127.0.0.1:{sink.port}",
+        MAILER_SMTP_CONCURRENCY=str(concurrency),
+        MAILER_BATCH_SIZE=str(batch_size),
+    )
 
 
 @contextmanager

@@ -11,6 +11,13 @@ from collections.abc import Callable
 from contextlib import suppress
 
 
+def dev_env(**settings: str) -> dict[str, str]:
+    """This process's environment without its ``MAILER_*`` settings, plus ``settings``, in
+    development mode: the built-in signing key, since what a benchmark sends stays here."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    return {**clean, "MAILER_ENV": "dev", **settings}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,7 @@ from bench.delivery_bench import (
     paid_message,
     smtp_sink,
 )
-from bench.processes import stop, wait_for
+from bench.processes import dev_env, stop, wait_for
 from mailer import db
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
@@ -93,13 +93,9 @@ def _readers_csv(path: Path, count: int) -> None:
 
 
 def _env(broker: str, sink: Sink, extra: Mapping[str, str]) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-        "MAILER_ENV": "dev",  # the built-in signing key: these mails go to a sink
-        "MAILER_BROKER_URL": broker,
-        "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}",
-        **extra,
-    }
+    return dev_env(
+        MAILER_BROKER_URL=broker, MAILER_SMTP_URL=f"smtp://127.0.0.1:{sink.port}", **extra
+    )
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 
 from bench.databases import postgres_database, redis_server
-from bench.processes import accepts, free_port, stop, wait_for
+from bench.processes import accepts, dev_env, free_port, stop, wait_for
 from mailer import db, sends
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
@@ -223,12 +223,7 @@ def main() -> list[Row]:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tracker_bench_")))
         url = stack.enter_context(postgres_database())
         broker = stack.enter_context(redis_server(folder))
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MAILER_")},
-            "MAILER_ENV": "dev",  # the built-in signing key: these pixels are ours
-            "MAILER_DATABASE_URL": url,
-            "MAILER_BROKER_URL": broker,
-        }
+        env = dev_env(MAILER_DATABASE_URL=url, MAILER_BROKER_URL=broker)
         db.upgrade(url)
         script = wrk_script(folder, pixel_paths(url, env))
 
