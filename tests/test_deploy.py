@@ -17,7 +17,7 @@ from mailer.config import load_settings
 from mailer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-LONG_RUNNING = ("postgres", "redis", "worker", "beat", "tracker", "flower")
+LONG_RUNNING = ("postgres", "redis", "worker", "beat", "tracker", "bounces", "flower")
 
 
 def compose_config(tmp_path: Path, env: str) -> subprocess.CompletedProcess[str]:
@@ -50,12 +50,15 @@ def test_docker_compose_accepts_the_file_with_the_example_env(tmp_path: Path) ->
     services = config["services"]
     for name in LONG_RUNNING:
         assert services[name]["restart"] == "unless-stopped", name
-    for name in ("worker", "beat", "tracker", "postgres", "redis"):
+    for name in ("worker", "beat", "tracker", "bounces", "postgres", "redis"):
         assert services[name]["healthcheck"]["test"], name
+    assert services["bounces"]["command"][:2] == ["bounces", "serve"]
     assert "redisdata" in config["volumes"]
     assert "redisdata:/data:rw" in services["redis"]["volumes"]
     assert services["flower"]["ports"] == ["127.0.0.1:5555:5555/tcp"]
-    images = {services[name]["image"] for name in ("migrate", "worker", "beat", "tracker")}
+    images = {
+        services[name]["image"] for name in ("migrate", "worker", "beat", "tracker", "bounces")
+    }
     assert images == {"mailer:latest"}
     # Settable from .env, with the bundled services as defaults.
     worker = services["worker"]["environment"]
