@@ -18,7 +18,7 @@ import mailer.compose
 from mailer.compose import Publication, _inline, compose
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 POST = Path(__file__).resolve().parents[1] / "tests" / "data" / "long-post.md"
 PUB = Publication(

@@ -46,10 +46,10 @@ from mailer import db, sends
 from mailer.compose import Composition, Publication, compose
 from mailer.config import Settings, load_settings
 from mailer.db.models import DeliveryRow
-from mailer.db.posts_repo import save_post
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post_text
-from mailer.tracking.tokens import Signer
+from mailer.posts.store import save_post
+from mailer.tokens import Signer
 
 
 def _env_int(name: str, default: int) -> int:

@@ -26,7 +26,7 @@ from mailer.compose import VARIANTS, Publication, compose
 from mailer.config import load_settings
 from mailer.posts import parse_post
 from mailer.preview import render_preview
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTS = sorted((ROOT / "examples" / "posts").glob("*.md"))

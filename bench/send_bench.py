@@ -49,8 +49,8 @@ from bench.processes import dev_env, stop, wait_for
 from mailer import db
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
-from mailer.db.posts_repo import save_post
 from mailer.posts import parse_post
+from mailer.posts.store import save_post
 from mailer.subscribers.importer import import_csv
 
 SIZES = [int(n) for n in os.environ.get("BENCH_SEND_SIZES", "20000,100000").split(",")]

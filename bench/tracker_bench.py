@@ -33,10 +33,10 @@ from mailer import db, sends
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.db.models import DeliveryRow, SubscriberRow, TrackingEventRow
-from mailer.db.posts_repo import save_post
 from mailer.posts import parse_post_text
+from mailer.posts.store import save_post
+from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import PIXEL
-from mailer.tracking.tokens import Kind, Signer, Token
 
 READERS = int(os.environ.get("BENCH_TRACKER_READERS", 10_000))
 DURATION = os.environ.get("BENCH_TRACKER_DURATION", "15s")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from mailer.compose import Composition, Variant, mime
 from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.tracking.tokens import PREVIEW_SEND_ID, Signer
+from mailer.tokens import PREVIEW_SEND_ID, Signer
 
 Format = Literal["html", "text", "eml"]
 SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")

@@ -19,6 +19,8 @@ from sqlalchemy import Engine, func, select
 from typer.testing import CliRunner
 
 from mailer import db, subscribers
+from mailer.billing.attribution import attribute, change_tier
+from mailer.billing.webhook import handle_stripe
 from mailer.cli import app
 from mailer.db.models import (
     BillingCustomerRow,
@@ -30,9 +32,7 @@ from mailer.db.models import (
     TrackingEventRow,
     TrackingKind,
 )
-from mailer.tracking.attribution import attribute, change_tier
-from mailer.tracking.billing import handle_stripe
-from mailer.tracking.tokens import Kind, Signer, Token
+from mailer.tokens import Kind, Signer, Token
 
 SECRET = "whsec_test_0123456789abcdef"
 SIGNER = Signer(["tests-only-secret-key-0123456789"])

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from mailer import db
 from mailer.cli import app
-from mailer.db.posts_repo import list_posts
+from mailer.posts.store import list_posts
 
 PAID_POST = """\
 ---

@@ -17,7 +17,7 @@ import pytest
 from mailer.compose import GMAIL_CLIP_BYTES, Composition, MessageTemplate, Publication, compose
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post, parse_post_text
-from mailer.tracking.tokens import Kind, Signer, Token
+from mailer.tokens import Kind, Signer, Token
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "posts" / "the-quiet-harbour.md"

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError, StatementError
 
 from mailer import db
 from mailer.db.models import Base, SubscriberRow
-from mailer.db.posts_repo import get_post, list_posts, save_post
 from mailer.errors import DatabaseError, NotFoundError
 from mailer.posts import Post
+from mailer.posts.store import get_post, list_posts, save_post
 
 PAID = Post(
     slug="the-harbour",

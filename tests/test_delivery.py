@@ -36,12 +36,12 @@ from mailer.db.models import (
     SubscriberRow,
     utcnow,
 )
-from mailer.db.posts_repo import save_post
 from mailer.delivery import runner
 from mailer.delivery.runner import Runtime, next_run, run_inline
 from mailer.delivery.smtp import SmtpPool
 from mailer.errors import TransientDeliveryError
 from mailer.posts import parse_post_text
+from mailer.posts.store import save_post
 
 POST = """\
 ---

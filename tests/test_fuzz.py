@@ -25,14 +25,14 @@ from sqlalchemy import Engine
 from test_tracker import running
 
 from mailer import db, segments
+from mailer.billing.webhook import handle_stripe
 from mailer.db.models import PostRow, SendRow
 from mailer.errors import MailerError
 from mailer.posts import parse_post
 from mailer.subscribers import import_csv, manage
+from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import create_app
-from mailer.tracking.billing import handle_stripe
 from mailer.tracking.ingest import MemoryBuffer
-from mailer.tracking.tokens import Kind, Signer, Token
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 FUZZ = settings(

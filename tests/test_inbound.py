@@ -41,7 +41,7 @@ from mailer.db.models import (
 from mailer.inbound import Ours, Policy, Tally, handle
 from mailer.inbound.verdict import judge
 from mailer.stats import send_stats
-from mailer.tracking.tokens import Kind, Signer, Token
+from mailer.tokens import Kind, Signer, Token
 
 DATA = Path(__file__).parent / "data" / "bounces"
 SECRET = "inbound-test-secret-key"

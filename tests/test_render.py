@@ -20,7 +20,7 @@ import pytest
 from mailer.compose import GMAIL_CLIP_BYTES, VARIANTS, Composition, Publication, compose, markdown
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post, parse_post_text
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Posts written as prose; the long test post is random words, which SpamAssassin's LONGWORDS

@@ -29,9 +29,9 @@ from mailer import db, sends
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.db.models import SendRow, SubscriberRow, utcnow
-from mailer.db.posts_repo import save_post
 from mailer.errors import InputError
 from mailer.posts import parse_post_text
+from mailer.posts.store import save_post
 from mailer.when import parse_time
 
 GRACE = dt.timedelta(hours=1)

@@ -28,6 +28,7 @@ from test_cli import assert_one_error_line, mailer
 from test_tracker import running
 
 from mailer import db, segments, subscribers
+from mailer.billing.webhook import handle_stripe
 from mailer.cli import main
 from mailer.config import DEV_SECRET_KEY, MIN_KEY_BYTES, load_settings
 from mailer.db.models import SubscriberRow, TrackingEventRow, utcnow
@@ -35,12 +36,11 @@ from mailer.errors import ConfigError, InputError, PostError, SegmentError
 from mailer.posts import parse_post
 from mailer.subscribers import import_csv
 from mailer.subscribers.csvfile import SafeWriter, neutralised, replacing, restored
+from mailer.tokens import Signer
 from mailer.tracking import app as tracker_app
 from mailer.tracking.app import create_app
-from mailer.tracking.billing import handle_stripe
 from mailer.tracking.http import MAX_HEADER_BYTES
 from mailer.tracking.ingest import MemoryBuffer
-from mailer.tracking.tokens import Signer
 
 GOOD_KEY = "k" * MIN_KEY_BYTES
 PASSWORD = "hunter2-secret"

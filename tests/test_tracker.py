@@ -45,6 +45,7 @@ from mailer.db.models import (
 from mailer.errors import DatabaseError
 from mailer.metrics import render
 from mailer.subscribers import manage
+from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import PIXEL, StripeWebhook, create_app
 from mailer.tracking.http import HeaderLimited
 from mailer.tracking.ingest import (
@@ -54,7 +55,6 @@ from mailer.tracking.ingest import (
     RedisBuffer,
     flush_once,
 )
-from mailer.tracking.tokens import Kind, Signer, Token
 
 REDIS_URL = redis_url(14)
 SECRET = "tracker-test-secret-0123456789"

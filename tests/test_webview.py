@@ -23,13 +23,13 @@ from test_tracker import CHROME, SECRET, running
 from mailer import db, sends
 from mailer.compose import Publication, compose
 from mailer.db.models import DeliveryRow, SubscriberRow, Tier, TrackingEventRow, utcnow
-from mailer.db.posts_repo import save_post
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
+from mailer.posts.store import save_post
 from mailer.subscribers import manage
+from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import create_app
 from mailer.tracking.ingest import RedisBuffer, flush_once
-from mailer.tracking.tokens import Kind, Signer, Token
 
 REDIS_URL = redis_url(13)
 TRACKER = "https://t.example.com"

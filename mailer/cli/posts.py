@@ -10,8 +10,8 @@ import typer
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
 from mailer.compose import Publication, compose
 from mailer.db import session
-from mailer.db.posts_repo import list_posts, save_post
 from mailer.posts import parse_post
+from mailer.posts.store import list_posts, save_post
 
 app = typer.Typer(name="posts", help="Add and list posts.", no_args_is_help=True)
 

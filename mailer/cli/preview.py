@@ -14,10 +14,10 @@ import typer
 from mailer.cli.common import engine, settings, warn
 from mailer.compose import Publication, compose
 from mailer.db import session
-from mailer.db.posts_repo import get_post
 from mailer.errors import InputError
+from mailer.posts.store import get_post
 from mailer.preview import SAMPLE_READER, render_preview
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 
 class VariantChoice(StrEnum):

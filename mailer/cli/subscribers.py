@@ -12,12 +12,12 @@ from typing import Annotated, Any
 import typer
 
 from mailer import subscribers
+from mailer.billing.attribution import change_tier
 from mailer.cli.common import engine, print_json, settings
 from mailer.db import session
 from mailer.subscribers import Subscriber, SubscriberEvent, parse_tier, parse_when
 from mailer.subscribers.csvfile import replacing
 from mailer.subscribers.importer import Progress
-from mailer.tracking.attribution import change_tier
 
 app = typer.Typer(
     name="subscribers", help="Import, export and manage readers.", no_args_is_help=True

@@ -17,8 +17,8 @@ from mailer import db
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.config import Settings, load_settings
 from mailer.logs import uvicorn_config
+from mailer.tokens import Signer
 from mailer.tracking.ingest import Buffer, Flusher, flush_once, in_memory, open_buffer
-from mailer.tracking.tokens import Signer
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -145,7 +145,7 @@ def _handle_stripe(
     config: Settings, database: Engine, signer: Signer, payload: bytes, signature: str | None
 ) -> int:
     # Imported when a webhook first arrives: the tracker serves pixels without loading Stripe.
-    from mailer.tracking.billing import handle_stripe
+    from mailer.billing.webhook import handle_stripe
 
     return handle_stripe(
         database,

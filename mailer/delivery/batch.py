@@ -50,7 +50,7 @@ from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.smtp import Outcome
 from mailer.delivery.throttle import Throttle
 from mailer.errors import MailerError, PermanentDeliveryError
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 log = logging.getLogger(__name__)
 

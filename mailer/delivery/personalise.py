@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Protocol
 
-from mailer.tracking.tokens import Kind, SendSigner, Signer, varint
+from mailer.tokens import Kind, SendSigner, Signer, varint
 
 NAME_FALLBACK = "reader"
 _URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url", "view_url"})

@@ -45,8 +45,8 @@ from mailer.errors import DatabaseError
 from mailer.inbound.verdict import Ours, Verdict, judge
 from mailer.subscribers.manage import change_status
 from mailer.subscribers.model import lookup_key
+from mailer.tokens import Signer, Token
 from mailer.tracking.ingest import Entry, Event, write_events
-from mailer.tracking.tokens import Signer, Token
 
 __all__ = ["Ours", "Policy", "Result", "Tally", "handle"]
 

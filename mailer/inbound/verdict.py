@@ -35,7 +35,7 @@ from email.utils import getaddresses, parseaddr
 from flufl.bounce import all_failures
 
 from mailer.db.models import InboundOutcome
-from mailer.tracking.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
+from mailer.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 
 log = logging.getLogger(__name__)
 

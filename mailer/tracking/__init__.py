@@ -1,1 +1,5 @@
-"""Tracking: signed tokens for opens, clicks and unsubscribes."""
+"""Tracking: the tracker's HTTP side (opens, clicks, unsubscribes, web versions, webhooks).
+
+The tokens it checks are signed by ``mailer.tokens``; Stripe's webhooks are handled by
+``mailer.billing``.
+"""

@@ -47,8 +47,8 @@ from mailer import db
 from mailer.db.models import LinkRow
 from mailer.errors import MailerError
 from mailer.subscribers import unsubscribe_by_id
+from mailer.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher
-from mailer.tracking.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 from mailer.tracking.webview import WebVersions
 
 log = logging.getLogger(__name__)

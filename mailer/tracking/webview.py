@@ -22,7 +22,7 @@ from mailer.compose import mime
 from mailer.db.models import DeliveryRow, SendVariantRow, SubscriberRow, Variant
 from mailer.delivery.ledger import StoredTemplate
 from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.tracking.tokens import Signer
+from mailer.tokens import Signer
 
 CACHED_VARIANTS = 64
 

@@ -1,4 +1,4 @@
-"""Posts: Markdown with YAML front matter, split at the paywall marker."""
+"""A post file read: front matter checked field by field, the body split at the paywall."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from mailer.db.models import PostRow
 from mailer.errors import NotFoundError
-from mailer.posts import Post
+from mailer.posts.parse import Post
 
 
 def save_post(session: Session, post: Post, source: str) -> bool:

@@ -32,10 +32,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import db
+from mailer.billing.attribution import change_tier
 from mailer.db.models import BillingCustomerRow, BillingEventRow, SubscriberRow, Tier, utcnow
 from mailer.subscribers.model import lookup_key
-from mailer.tracking.attribution import change_tier
-from mailer.tracking.tokens import Kind, Signer
+from mailer.tokens import Kind, Signer
 
 log = logging.getLogger(__name__)
 

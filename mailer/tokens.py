@@ -68,6 +68,8 @@ class _Key:
 
     def __init__(self, secret: str) -> None:
         # A purpose-bound key, so the same secret can sign other things without crosstalk.
+        # The label names the module's old home: changing it would void every token in mail
+        # already sent.
         key = (
             hashlib.sha256(b"mailer.tracking.tokens\0" + secret.encode())
             .digest()
