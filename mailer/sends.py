@@ -276,18 +276,25 @@ def give_up_if_too_old(session: Session, send_id: int, max_age: float, error: st
 
 
 def expect_run(session: Session, send_id: int, batch_no: int, *, within: dt.timedelta) -> None:
-    """Note that a released batch runs again within ``within``: if no run holds it by then,
-    ``stalled_batches`` counts it stalled. A task held for later (a countdown) lives only in
-    the worker that holds it, so a worker killed outright takes it along until the broker's
-    visibility timeout (hours); the reconciler enqueues the batch again instead."""
+    """Note that a batch no live run holds runs again within ``within``: if no run holds it by
+    then, ``stalled_batches`` counts it stalled. A task held for later (a countdown) lives only
+    in the worker that holds it, so a worker killed outright takes it along until the broker's
+    visibility timeout (hours); the reconciler enqueues the batch again instead, and notes it
+    here so that it is not enqueued again at every tick while the queue is long.
+
+    An expired lease (its worker died) is released on the way: the next run takes the batch at
+    once, and still finds the dead run's rows in flight (they are marked by state, not owner).
+    """
+    now = utcnow()
     session.execute(
         update(SendBatchRow)
         .where(
             SendBatchRow.send_id == send_id,
             SendBatchRow.batch_no == batch_no,
-            SendBatchRow.lease_owner.is_(None),  # a run holds it: its own lease says it
+            # A live run holds it: its own lease says when it is stalled.
+            SendBatchRow.lease_owner.is_(None) | (SendBatchRow.lease_until < now),
         )
-        .values(lease_until=utcnow() + within)
+        .values(lease_owner=None, lease_until=now + within)
     )
 
 

@@ -369,7 +369,7 @@ def test_a_pause_mid_batch_strands_nobody(setup: Setup) -> None:
     assert info.counts["unknown"] == 0 and info.status == "done"
 
 
-def test_a_released_batch_is_stalled_once_its_next_run_is_overdue(setup: Setup) -> None:
+def test_a_batch_no_live_run_holds_is_stalled_once_its_next_run_is_overdue(setup: Setup) -> None:
     send_id = setup.create_send(setup.settings(0))
     late, soon = dt.timedelta(seconds=-1), dt.timedelta(hours=1)
     with db.session(setup.engine) as session:
@@ -383,9 +383,23 @@ def test_a_released_batch_is_stalled_once_its_next_run_is_overdue(setup: Setup) 
             .values(lease_owner="alive", lease_until=utcnow() + soon)
         )
         sends.expect_run(session, send_id, 2, within=late)
-        assert sends.stalled_batches(session) == [(send_id, 0)]
-        sends.expect_run(session, send_id, 0, within=soon)  # enqueued again: wait a while
+        # Batch 3's worker died: its lease expired unreleased.
+        session.execute(
+            update(SendBatchRow)
+            .where(SendBatchRow.batch_no == 3)
+            .values(lease_owner="dead", lease_until=utcnow() + late)
+        )
+        assert sends.stalled_batches(session) == [(send_id, 0), (send_id, 3)]
+        for batch_no in (0, 3):  # enqueued again: wait a while
+            sends.expect_run(session, send_id, batch_no, within=soon)
         assert sends.stalled_batches(session) == []
+        # The dead run's lease is released: the next run takes batch 3 at once.
+        owners = session.scalars(
+            select(SendBatchRow.lease_owner)
+            .where(SendBatchRow.batch_no <= 3)
+            .order_by(SendBatchRow.batch_no)
+        )
+        assert list(owners) == [None, None, "alive", None]
 
 
 def test_messages_in_flight_at_a_crash_become_unknown_and_are_not_resent(setup: Setup) -> None:
