@@ -14,12 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, get_args
 
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
-    Integer,
     and_,
     case,
-    cast,
     func,
     not_,
     or_,
@@ -27,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from mailer.db import dialect
 from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
@@ -313,11 +311,7 @@ def timeline(session: Session, send_id: int) -> list[Hour]:
     if start is None:
         raise NotFoundError(f"no send with id {send_id}")
     e = TrackingEventRow
-    if session.get_bind().dialect.name == "postgresql":
-        epoch: ColumnElement[int] = cast(func.extract("epoch", e.at), BigInteger)
-    else:  # SQLite stores UTC text that strftime reads
-        epoch = cast(func.strftime("%s", e.at), Integer)
-    hour = ((epoch - int(start.timestamp())) // 3600).label("hour")
+    hour = ((dialect.epoch(session, e.at) - int(start.timestamp())) // 3600).label("hour")
     human = e.classification == "human"
 
     def readers(condition: ColumnElement[bool]) -> ColumnElement[int]:

@@ -27,12 +27,12 @@ from typing import Any
 
 import stripe
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import db
 from mailer.billing.attribution import change_tier
+from mailer.db import dialect
 from mailer.db.models import BillingCustomerRow, BillingEventRow, SubscriberRow, Tier, utcnow
 from mailer.subscribers.model import lookup_key
 from mailer.tokens import Kind, Signer
@@ -159,7 +159,7 @@ def _change(
 def _first_time(session: Session, event_id: str, event_type: str) -> bool:
     """Insert the event id; False if it was there already (a replay)."""
     inserted = session.execute(
-        _insert(session, BillingEventRow)
+        dialect.insert(session, BillingEventRow)
         .values(provider=PROVIDER, event_id=event_id, type=event_type[:100], received_at=utcnow())
         .on_conflict_do_nothing(index_elements=["provider", "event_id"])
         .returning(BillingEventRow.event_id)
@@ -248,18 +248,9 @@ def _by_address(session: Session, subscription: Mapping[str, Any]) -> Subscriber
 
 def _remember(session: Session, customer_id: str, subscriber_id: int) -> None:
     session.execute(
-        _insert(session, BillingCustomerRow)
+        dialect.insert(session, BillingCustomerRow)
         .values(provider=PROVIDER, customer_id=customer_id, subscriber_id=subscriber_id)
         .on_conflict_do_update(
             index_elements=["provider", "customer_id"], set_={"subscriber_id": subscriber_id}
         )
     )
-
-
-def _insert(
-    session: Session, model: type[BillingEventRow] | type[BillingCustomerRow]
-) -> postgresql.Insert | sqlite.Insert:
-    # ON CONFLICT is dialect-specific in SQLAlchemy; both of ours speak it the same way.
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(model)
-    return sqlite.insert(model)

@@ -6,19 +6,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     Connection,
     Engine,
     column,
-    create_engine,
-    event,
     inspect,
     make_url,
     select,
@@ -29,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from mailer.config import masked
+from mailer.db import dialect
 from mailer.db.models import utcnow
 from mailer.errors import DatabaseError
 
@@ -40,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "check",
     "connect",
-    "driver_cursor",
     "head",
     "revision",
     "session",
@@ -50,7 +46,6 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-UPGRADE_LOCK = 0x6D61696C  # "mail": the advisory lock key `upgrade` holds on PostgreSQL
 
 
 def head() -> str:
@@ -67,52 +62,9 @@ def shown(url: str | URL) -> str:
     return masked(url.render_as_string(hide_password=False) if isinstance(url, URL) else url)
 
 
-def driver_cursor(conn: Connection) -> Any:
-    """The driver's own cursor under ``conn`` (psycopg on PostgreSQL), in its transaction:
-    for what SQLAlchemy cannot do as fast, such as COPY or a parameter that is an array."""
-    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-
-
 def connect(url: str) -> Engine:
     """An engine for ``url``; connecting is lazy, so call ``check`` to fail early."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed)
-    # Fail fast on an unreachable server instead of hanging on the OS default.
-    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
-
-
-def _sqlite_engine(url: URL) -> Engine:
-    database = url.database or ""
-    if database and database != ":memory:" and not database.startswith("file:"):
-        _owner_only(Path(database))
-    engine = create_engine(url)
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        # WAL lets readers (stats, tracker) run beside one writer; busy_timeout makes a
-        # second writer wait for the lock rather than fail at once.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.close()
-
-    return engine
-
-
-def _owner_only(path: Path) -> None:
-    """Create the database file readable by its owner only, and make an existing one so: it
-    holds every reader's address. SQLite gives its -wal, -shm and -journal files the
-    database's own mode; those left by an earlier version are tightened too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    for name in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
-        with contextlib.suppress(OSError):  # absent, or someone else's: SQLite will say
-            mode = name.stat().st_mode
-            if mode & 0o077:
-                name.chmod(mode & 0o700)
+    return dialect.engine(make_url(url))
 
 
 @contextmanager
@@ -137,27 +89,11 @@ def upgrade(url: str) -> None:
 
     engine = connect(url)
     try:
-        with _connection(engine) as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if not sqlite:
-                # Two upgrades at once (two containers starting) take turns: the second finds
-                # the schema at head. Held until this connection closes.
-                connection.exec_driver_sql(f"SELECT pg_advisory_lock({UPGRADE_LOCK})")
-                connection.commit()
-            if sqlite:
-                # Batch migrations rebuild SQLite tables by copy-and-drop; with foreign keys
-                # on, the drop would cascade. The pragma only takes effect outside a transaction.
-                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                connection.commit()
+        with _connection(engine) as connection, dialect.migrating(connection):
             config = _config()
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
             connection.commit()
-            if sqlite:
-                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                if broken:
-                    raise DatabaseError(f"migration left broken foreign keys: {broken[:3]}")
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
     finally:
         engine.dispose()
 

@@ -36,11 +36,11 @@ from typing import Any, Literal, Protocol, cast, get_args
 import redis
 import redis.asyncio
 from sqlalchemy import Engine, Table, select
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import db
+from mailer.db import dialect
 from mailer.db.models import DeliveryRow, TrackingEventRow
 from mailer.errors import DatabaseError, MailerError
 from mailer.subscribers import unsubscribe_by_id
@@ -493,8 +493,8 @@ def _sent_at(
     for send_id, subscriber_id in pairs:
         readers.setdefault(send_id, []).append(subscriber_id)
     found: dict[tuple[int, int], dt.datetime | None] = {}
-    if session.get_bind().dialect.name == "postgresql":
-        cursor = db.driver_cursor(session.connection())
+    if dialect.is_postgresql(session):
+        cursor = dialect.driver_cursor(session.connection())
         for send_id, ids in readers.items():  # an array: one parameter however many readers
             cursor.execute(_SENT_AT, (send_id, ids))
             found.update(((send_id, reader), at) for reader, at in cursor)
@@ -559,11 +559,11 @@ _UNNEST = (
 
 def _insert(session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
     """INSERT ... ON CONFLICT (ingest_key) DO NOTHING; the number of rows inserted."""
-    if session.get_bind().dialect.name == "postgresql":
-        cursor = db.driver_cursor(session.connection())
+    if dialect.is_postgresql(session):
+        cursor = dialect.driver_cursor(session.connection())
         cursor.execute(_UNNEST, [[row[c] for row in rows] for c in _COLUMNS])
         return int(cursor.rowcount)
     # The table, not the ORM entity: a Core executemany, without the ORM's per-row work.
     table = cast(Table, TrackingEventRow.__table__)
-    insert = sqlite.insert(table).on_conflict_do_nothing(index_elements=["ingest_key"])
+    insert = dialect.insert(session, table).on_conflict_do_nothing(index_elements=["ingest_key"])
     return len(session.execute(insert.returning(table.c.id), rows).all())
