@@ -2,6 +2,7 @@
 
 ``connect`` builds an engine, ``upgrade`` migrates a database to the newest schema, and
 ``check`` refuses a database that is unreachable or not migrated, with one clear line.
+``dialect`` holds every place SQLite and PostgreSQL differ; ``models`` the tables.
 """
 
 from __future__ import annotations

@@ -1,8 +1,15 @@
 """The tables of every stage: posts, subscribers, segments, sends, the delivery ledger, tracking.
 
 Designed up front for the whole pipeline, so later features add tables and columns rather
-than reshape these. Only ``mailer.db`` works with these rows; the rest of the library gets
-frozen dataclasses. Every timestamp is an aware UTC datetime (see ``UtcDateTime``).
+than reshape these. The library's stages query them directly, each its own tables: posts
+(``mailer.posts.store``); subscribers, tags, events and suppressions (``mailer.subscribers``);
+segments (``mailer.segments``); sends, variants, batches, deliveries and links
+(``mailer.sends``, ``mailer.delivery.ledger``); tracking events (``mailer.tracking``, and the
+billing milestones ``mailer.billing`` credits); billing's own (``mailer.billing``); inbound
+mail's (``mailer.inbound``, which also marks a bounced delivery). ``mailer.stats``,
+``mailer.metrics`` and the tracker read across them. Rows stay inside the module that
+queried them: stages hand each other frozen dataclasses, so compose, personalise, SMTP and
+the CLI never see one. Every timestamp is an aware UTC datetime (see ``UtcDateTime``).
 """
 
 from __future__ import annotations
