@@ -395,7 +395,8 @@ def test_a_worker_killed_holding_a_batch_s_next_run(
             db_url,
             broker.url,
             server.settings().port,
-            MAILER_RETRY_BACKOFF="5s",
+            # The next run is held for this long: the window in which the worker is killed.
+            MAILER_RETRY_BACKOFF="15s",
             MAILER_BATCH_LEASE="2s",
         )
         run_mailer(env, tmp_path, "posts", "add", "post.md")
