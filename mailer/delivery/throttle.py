@@ -29,10 +29,15 @@ Redis outage costs nothing. Only taking from a configured limit needs Redis, and
 
 ``RedisThrottle`` keeps the state in Redis so that every worker process shares it; each
 attempt to take is one EVALSHA of an atomic Lua script that uses Redis's clock, so workers'
-clocks need not agree. Keys under ``key_prefix``: ``g`` (global TAT, ms), ``d:<domain>``
-(domain TAT), ``b:<domain>`` (hash of the back-off: rate, halved, last) and ``backoffs`` (the
-set of backed-off domains). All expire once idle or recovered. ``LocalThrottle`` is the same
-in one process, for running without Redis.
+clocks need not agree (unless a ``Clock`` is injected: tests drive time by hand that way). Keys
+under ``key_prefix``: ``g`` (global TAT, ms), ``d:<domain>`` (domain TAT), ``b:<domain>`` (hash
+of the back-off: rate, halved, last) and ``backoffs`` (the set of backed-off domains). All
+expire once idle or recovered. ``LocalThrottle`` is the same in one process, for running
+without Redis.
+
+Time. Both read the time and wait through a ``Clock`` (``MONOTONIC``: ``time.monotonic`` and
+``asyncio.sleep``), so a test can give them one whose ``sleep`` only moves its hands: the
+rates, back-offs and recoveries are then checked to the millisecond without waiting for them.
 """
 
 from __future__ import annotations
@@ -55,6 +60,24 @@ from mailer.errors import TransientDeliveryError
 log = logging.getLogger(__name__)
 
 MIN_TOLERANCE = 0.05  # seconds
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds, on a clock that never goes back."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class _Monotonic:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+MONOTONIC: Clock = _Monotonic()
 
 
 class Throttle(Protocol):
@@ -93,7 +116,9 @@ class _Throttle(ABC):
         rate_limit: float,
         domain_limits: Iterable[tuple[str, float]],
         backoff: BackoffPolicy,
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._global = rate_limit
         self._limits = {domain.lower(): rate for domain, rate in domain_limits}
         self._policy = backoff
@@ -106,7 +131,7 @@ class _Throttle(ABC):
 
     async def acquire(self, domain: str) -> None:
         domain = domain.lower()
-        if time.monotonic() >= self._refresh_at:
+        if self._clock.now() >= self._refresh_at:
             await self._refresh()
         own_bucket = domain in self._limits or domain in self._backed_off
         if not (own_bucket or self._global):
@@ -115,18 +140,18 @@ class _Throttle(ABC):
         lock = self._locks.get(key) or self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             while (wait := await self._take(key)) > 0:
-                await asyncio.sleep(wait)
+                await self._clock.sleep(wait)
 
     async def _refresh(self) -> None:
         # Concurrent callers wait for one read rather than go on with a stale (or empty) set.
         async with self._refresh_lock:
-            if time.monotonic() >= self._refresh_at:
+            if self._clock.now() >= self._refresh_at:
                 try:
                     self._backed_off = await self._backed_off_domains()
                 except TransientDeliveryError as exc:
                     # Sending without a limit needs no shared state: carry on with what we knew.
                     log.warning("%s; using the back-offs known so far", exc)
-                self._refresh_at = time.monotonic() + self._policy.refresh
+                self._refresh_at = self._clock.now() + self._policy.refresh
 
     async def backoff(self, domain: str) -> None:
         domain = domain.lower()
@@ -158,13 +183,17 @@ local function recovered(rate, last, now, cooldown, step)
   if quiet < 0 then return rate end
   return rate * 2 ^ (math.floor(quiet / step) + 1)
 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + t[2] / 1000
+local now = tonumber(ARGV[#ARGV])
+if not now then
+  local t = redis.call('TIME')
+  now = t[1] * 1000 + t[2] / 1000
+end
 """
 
 # KEYS: global TAT, domain TAT, domain back-off, back-off set.
 # ARGV: global rate, domain rate (0: none), domain ('' for the global bucket only), the
-# domain's cap, cooldown (ms), step (ms), minimum tolerance (ms). Returns ms to wait, or 0.
+# domain's cap, cooldown (ms), step (ms), minimum tolerance (ms), now (ms; '': Redis's clock).
+# Returns ms to wait, or 0.
 _LUA_TAKE = (
     _LUA_RECOVERED
     + """
@@ -202,7 +231,7 @@ return 0
 )
 
 # KEYS: domain back-off, back-off set. ARGV: domain, cap, floor, min gap (ms), cooldown (ms),
-# step (ms).
+# step (ms), now (ms; '': Redis's clock).
 _LUA_BACKOFF = (
     _LUA_RECOVERED
     + """
@@ -240,9 +269,18 @@ class RedisThrottle(_Throttle):
         domain_limits: Iterable[tuple[str, float]],
         key_prefix: str = "mailer:throttle:",
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
+        clock: Clock | None = None,
     ) -> None:
-        super().__init__(rate_limit=rate_limit, domain_limits=domain_limits, backoff=backoff)
+        """``clock`` None: the buckets keep Redis's time (shared by every worker), the waits
+        are real; a ``Clock`` (tests) serves for both."""
+        super().__init__(
+            rate_limit=rate_limit,
+            domain_limits=domain_limits,
+            backoff=backoff,
+            clock=clock or MONOTONIC,
+        )
         self._redis = redis
+        self._own_time = clock is not None
         self._prefix = key_prefix
         self._set = key_prefix + "backoffs"
         self._take_script = redis.register_script(_LUA_TAKE)
@@ -259,6 +297,9 @@ class RedisThrottle(_Throttle):
             domain_limits=settings.domain_limits,
             backoff=backoff,
         )
+
+    def _now_ms(self) -> str | float:
+        return 1000 * self._clock.now() if self._own_time else ""
 
     async def _backed_off_domains(self) -> set[str]:
         try:
@@ -277,6 +318,7 @@ class RedisThrottle(_Throttle):
             self._cap(domain),
             *self._recovery_ms,
             1000 * MIN_TOLERANCE,
+            self._now_ms(),
         ]
         try:
             wait_ms = await self._take_script(keys, args)
@@ -293,6 +335,7 @@ class RedisThrottle(_Throttle):
             policy.floor,
             1000 * policy.min_gap,
             *self._recovery_ms,
+            self._now_ms(),
         ]
         try:
             await self._backoff_script(keys, args)
@@ -316,8 +359,11 @@ class LocalThrottle(_Throttle):
         rate_limit: float,
         domain_limits: Iterable[tuple[str, float]],
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
+        clock: Clock = MONOTONIC,
     ) -> None:
-        super().__init__(rate_limit=rate_limit, domain_limits=domain_limits, backoff=backoff)
+        super().__init__(
+            rate_limit=rate_limit, domain_limits=domain_limits, backoff=backoff, clock=clock
+        )
         self._tats: dict[str, float] = {}  # "": the global bucket
         self._backoffs: dict[str, _Backoff] = {}
 
@@ -325,7 +371,7 @@ class LocalThrottle(_Throttle):
         return set(self._backoffs)
 
     async def _take(self, domain: str) -> float:
-        now = time.monotonic()
+        now = self._clock.now()
         rates = {"": self._global}
         if domain:
             rates[domain] = self._limits.get(domain, 0.0)
@@ -350,7 +396,7 @@ class LocalThrottle(_Throttle):
         return 0.0
 
     async def _backoff(self, domain: str, cap: float) -> None:
-        now = time.monotonic()
+        now = self._clock.now()
         state = self._backoffs.get(domain)
         if state is None:
             state = self._backoffs[domain] = _Backoff(cap, -math.inf, now)
