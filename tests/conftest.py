@@ -1,10 +1,17 @@
-"""Shared fixtures: a fresh database on each backend, migrated or not.
+"""Shared fixtures: a fresh database on each backend, migrated or not, and a Redis database.
 
-PostgreSQL tests create a database of their own on the server at ``TEST_POSTGRES_URL``
-(default postgresql+psycopg://postgres@127.0.0.1:5432/test, used only as the admin
-connection) and drop it afterwards. Deselect them with ``-m "not postgres"``.
-Redis tests use numbered databases of the server at ``TEST_REDIS_SERVER`` (default
-127.0.0.1:6379; point it at a server of your own to run two suites side by side).
+Markers say what a test needs, so a run can leave out what it lacks or what is slow:
+
+- ``postgres``: the PostgreSQL server. Such tests create a database of their own on the server
+  at ``TEST_POSTGRES_URL`` (default postgresql+psycopg://postgres@127.0.0.1:5432/test, used
+  only as the admin connection) and drop it afterwards. Given by ``db_url``'s second param.
+- ``redis``: the Redis server at ``TEST_REDIS_SERVER`` (default 127.0.0.1:6379; point it at a
+  server of your own to run two suites side by side). Given to every test using ``redis_db``:
+  one database of that server (``REDIS_URL``, never 0), flushed before and after the test.
+- ``subprocess``: starts processes (the ``mailer`` command, Celery, redis-server, Postfix,
+  Chromium...). Set by hand; a test without it that starts one fails, so ``make test-fast``
+  (``-m "not subprocess and not outage"``) stays in-process.
+- ``outage``: a send through real worker processes with a fault injected (slow).
 
 The tests run in development mode (``MAILER_ENV=dev``: the built-in signing key is allowed);
 helpers that run a command with a clean environment set it again (``dev_env``).
@@ -14,12 +21,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from helpers import DEV
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from mailer import db
@@ -29,25 +38,57 @@ ADMIN_URL = make_url(
 ).set(drivername="postgresql+psycopg")
 
 
-DEV = {"MAILER_ENV": "dev"}
 os.environ.update(DEV)
-
-
-def dev_env(**env: str) -> dict[str, str]:
-    """This process's environment without its ``MAILER_*`` settings, in development mode,
-    with ``env`` added: what a command run by a test sees."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    return {**clean, **DEV, **env}
 
 
 REDIS_HOST, _, _port = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379").rpartition(":")
 REDIS_PORT = int(_port)
 
 
-def redis_url(database: int) -> str:
-    """The URL of one of the test server's databases (never 0: others use it)."""
-    assert database != 0
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{database}"
+REDIS_DB = 9  # the suite's own database of the test server; never 0: others use it
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis.Redis]:
+    """The suite's Redis database (``REDIS_URL``), flushed before and after the test."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "redis_db" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
+
+# Set while a test without the ``subprocess`` marker runs: starting a process then fails it.
+_in_process: list[str] = []
+
+
+def _no_process(event: str, args: tuple[Any, ...]) -> None:
+    if _in_process and event in ("subprocess.Popen", "os.system", "os.posix_spawn", "os.exec"):
+        raise RuntimeError(f"{_in_process[0]} starts a process: mark it @pytest.mark.subprocess")
+
+
+sys.addaudithook(_no_process)
+
+
+@pytest.fixture(autouse=True)
+def _markers_are_honest(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("subprocess") is not None:
+        yield
+        return
+    _in_process.append(request.node.nodeid)
+    try:
+        yield
+    finally:
+        _in_process.clear()
 
 
 @pytest.fixture(scope="session")
@@ -83,16 +124,3 @@ def engine(db_url: str) -> Iterator[Engine]:
     migrated = db.connect(db_url)
     yield migrated
     migrated.dispose()
-
-
-@contextmanager
-def own_redis(url: str) -> Iterator[redis.Redis]:
-    """A suite's own Redis database (never 0: others use it), flushed before and after."""
-    client = redis.Redis.from_url(url)
-    assert client.connection_pool.connection_kwargs.get("db", 0) != 0, url
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()

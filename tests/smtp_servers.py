@@ -37,8 +37,8 @@ whether the client had already sent RCPT TO behind it.
 ``serve(handler, auth=("user", "pass"))`` requires AUTH (PLAIN or LOGIN, no TLS needed);
 ``starttls=True`` requires STARTTLS and ``implicit_tls=True`` speaks TLS from the start,
 both with a certificate from a throwaway CA that ``client_tls_context()`` trusts.
-``black_hole()`` is a port that accepts connections but never greets; ``closed_port()``
-one with nothing listening. ``wait_until(condition)`` polls until a condition holds.
+``black_hole()`` is a port that accepts connections but never greets (``helpers.free_port()``
+is one with nothing listening). ``wait_until(condition)`` polls until a condition holds.
 """
 
 from __future__ import annotations
@@ -485,11 +485,3 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout:g}s")
         time.sleep(0.01)
-
-
-def closed_port() -> int:
-    """A port nothing listens on: connecting to it is refused."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-    return port

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from conftest import dev_env
+from helpers import assert_one_error_line, dev_env, mailer
 from smtp_servers import serve
 from sqlalchemy import Engine
 from typer.testing import CliRunner
@@ -39,29 +39,6 @@ Below the fold.
 """
 
 
-def mailer(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the command as a user would, with only the given MAILER_* variables set.
-
-    It runs in ``cwd`` so that no developer's .env is read.
-    """
-    return subprocess.run(
-        [sys.executable, "-m", "mailer", *args],
-        cwd=cwd,
-        env=dev_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 1, result
-    assert result.stdout == ""
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
-
-
 def test_every_command_has_help(tmp_path: Path) -> None:
     """Walks the whole command tree, so commands added later are covered too."""
 
@@ -79,6 +56,7 @@ def test_every_command_has_help(tmp_path: Path) -> None:
         assert "Usage:" in result.output
 
 
+@pytest.mark.subprocess
 def test_upgrade_add_and_list(db_url: str, tmp_path: Path) -> None:
     post = tmp_path / "harbour.md"
     post.write_text(PAID_POST, encoding="utf-8")
@@ -119,6 +97,7 @@ def test_upgrade_add_and_list(db_url: str, tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.subprocess
 def test_bad_post_is_refused_and_nothing_stored(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
@@ -132,6 +111,7 @@ def test_bad_post_is_refused_and_nothing_stored(
         assert list_posts(s) == []
 
 
+@pytest.mark.subprocess
 def test_unmigrated_database_says_so(db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert_one_error_line(
@@ -140,6 +120,7 @@ def test_unmigrated_database_says_so(db_url: str, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.subprocess
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     url = "postgresql://mailer:s3cret@127.0.0.1:1/mailer"
     result = mailer(tmp_path, "posts", "list", MAILER_DATABASE_URL=url)
@@ -147,6 +128,7 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert "s3cret" not in result.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("name", "value"),
     [("MAILER_DATABSE_URL", "sqlite:///x.db"), ("MAILER_BROKER_URL", "ftp://nowhere")],
@@ -157,6 +139,7 @@ def test_bad_setting_names_the_variable(tmp_path: Path, name: str, value: str) -
     assert not (tmp_path / "var").exists()  # refused before touching anything
 
 
+@pytest.mark.subprocess
 def test_preview_every_variant_and_format(engine: Engine, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url, "MAILER_TRACKER_URL": "https://t.example.com"}
     (tmp_path / "post.md").write_text(PAID_POST)
@@ -195,6 +178,7 @@ def test_preview_every_variant_and_format(engine: Engine, db_url: str, tmp_path:
     assert not list(out.parent.glob(".*")), "no temporary file is left behind"
 
 
+@pytest.mark.subprocess
 def test_preview_refuses_bad_input(engine: Engine, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert_one_error_line(mailer(tmp_path, "preview", "no-such-post", **env), "no-such-post")
@@ -220,6 +204,7 @@ def big_post() -> str:
     return "---\ntitle: The Long One\n---\n\n" + "\n\n".join([paragraph] * 120) + "\n"
 
 
+@pytest.mark.subprocess
 def test_posts_add_and_preview_warn_about_removed_html_and_clipping(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -249,6 +234,7 @@ def test_posts_add_and_preview_warn_about_removed_html_and_clipping(
     assert preview.returncode == 0 and preview.stderr == added.stderr
 
 
+@pytest.mark.subprocess
 def test_send_asks_before_sending_a_post_gmail_will_clip(db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url, "MAILER_BROKER_URL": "redis://127.0.0.1:1/0"}
     assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0

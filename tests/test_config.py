@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import DEV
+from helpers import DEV
 
 from mailer.config import FIELDS, SmtpSettings, load_settings
 from mailer.errors import ConfigError

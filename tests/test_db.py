@@ -167,6 +167,7 @@ def _subscriber(email: str, trial_ends_at: dt.datetime | None = None) -> Subscri
     )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )

@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from conftest import DEV
+from helpers import DEV
 from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greylist, serve
 from sqlalchemy import Engine, create_engine, event, select, text, update
 

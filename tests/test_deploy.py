@@ -39,6 +39,7 @@ def filled_in(example: str) -> str:
     return example.replace("\nMAILER_SECRET_KEY=\n", f"\nMAILER_SECRET_KEY={KEY}\n")
 
 
+@pytest.mark.subprocess
 def test_docker_compose_accepts_the_file_with_the_example_env(tmp_path: Path) -> None:
     example = (ROOT / ".env.example").read_text()
     refused = compose_config(tmp_path, example)
@@ -66,6 +67,7 @@ def test_docker_compose_accepts_the_file_with_the_example_env(tmp_path: Path) ->
     assert worker["MAILER_DATABASE_URL"] == "postgresql://mailer@postgres:5432/mailer"
 
 
+@pytest.mark.subprocess
 def test_the_database_url_comes_from_env_and_flower_needs_a_password(tmp_path: Path) -> None:
     env = f"MAILER_SECRET_KEY={KEY}\nMAILER_DATABASE_URL=postgresql://db.internal/news\n"
     done = compose_config(tmp_path, env)
@@ -85,6 +87,7 @@ def test_the_example_env_is_valid_settings_once_its_key_is_filled_in(tmp_path: P
     assert settings.tracker_url == "https://t.example.com" and settings.env == "production"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_an_installed_wheel_composes_outside_the_checkout(tmp_path: Path, db_url: str) -> None:
     wheels = tmp_path / "wheels"

@@ -8,30 +8,25 @@ import email.policy
 import json
 import os
 import stat
-import subprocess
 from email.message import EmailMessage
 from pathlib import Path
 
 import dkim
 import pytest
-from conftest import dev_env
+from helpers import cli, dev_env, free_port, run_mailer
 from smtp_servers import serve
 from sqlalchemy import Engine
-from workers import BIN, add_readers, environment, free_port, run_mailer
+from workers import add_readers, environment
 
 from mailer import db, sends
+
+pytestmark = pytest.mark.subprocess
 
 POST = "---\ntitle: Signed\n---\n\nHello {{ name }}.\n"
 REQUIRED = {
     b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
     b"list-unsubscribe", b"list-unsubscribe-post", b"list-id", b"feedback-id",
 }  # fmt: skip
-
-
-def mailer(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
 
 
 def keygen(env: dict[str, str], cwd: Path, out: Path, *extra: str) -> dict[str, str]:
@@ -93,11 +88,11 @@ def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> No
     env = dev_env()
     key = tmp_path / "key.pem"
     key.write_text("precious")
-    done = mailer(env, tmp_path, "dkim", "keygen", "--domain", "example.com",
+    done = cli(env, tmp_path, "dkim", "keygen", "--domain", "example.com",
                   "--selector", "s", "--out", str(key))  # fmt: skip
     assert done.returncode == 1 and done.stderr.startswith("error: --out:")
     assert "not overwriting" in done.stderr and key.read_text() == "precious"
-    done = mailer(env, tmp_path, "dkim", "keygen", "--domain", "exa mple.com",
+    done = cli(env, tmp_path, "dkim", "keygen", "--domain", "exa mple.com",
                   "--selector", "s", "--out", str(tmp_path / "new.pem"))  # fmt: skip
     assert done.returncode == 1 and done.stderr.startswith("error: --domain:")
     assert not (tmp_path / "new.pem").exists()
@@ -120,10 +115,10 @@ def test_a_bad_key_is_one_error_at_send_and_fails_the_send_not_a_batch(
                 "MAILER_DKIM_SELECTOR": "s",
                 "MAILER_DKIM_KEY_FILE": str(tmp_path / path),
             }
-            done = mailer(env, tmp_path, *send)
+            done = cli(env, tmp_path, *send)
             assert done.returncode == 1 and done.stdout == "", done
             assert done.stderr.startswith("error: MAILER_DKIM_KEY_FILE:") and reason in done.stderr
-        done = mailer({**env, "MAILER_DKIM_SELECTOR": ""}, tmp_path, *send)
+        done = cli({**env, "MAILER_DKIM_SELECTOR": ""}, tmp_path, *send)
         assert done.stderr.startswith("error: MAILER_DKIM_SELECTOR: required with")
         with db.session(engine) as session:
             assert sends.list_sends(session) == []  # nothing half-made

@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from helpers import BIN, cli, free_port
 from smtp_servers import serve, wait_until
-from workers import (
-    BIN,
-    Processes,
-    RedisServer,
-    environment,
-    free_port,
-    start_beat,
-    start_worker,
-)
+from workers import Processes, RedisServer, environment, start_beat, start_worker
 
 from mailer import db
 
+pytestmark = pytest.mark.subprocess
+
 
 def doctor(env: dict[str, str], cwd: Path) -> tuple[int, dict[str, Any]]:
-    done = subprocess.run(
-        [str(BIN / "mailer"), "doctor", "--json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli(env, cwd, "doctor", "--json")
     return done.returncode, json.loads(done.stdout)  # stdout is the JSON document alone
 
 

@@ -15,11 +15,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -28,15 +25,16 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import stripe
-from conftest import dev_env, own_redis, redis_url
+from conftest import REDIS_URL
+from helpers import BIN, dev_env, free_port, run_mailer
 from smtp_servers import serve, wait_until
 from sqlalchemy import Engine, update
 
 from mailer import db
 from mailer.db.models import DeliveryRow
 
-BIN = Path(sys.executable).parent
-BUFFER = redis_url(10)  # this suite's own Redis database
+pytestmark = pytest.mark.subprocess
+
 WEBHOOK_SECRET = "whsec_e2e_test_secret"
 SITE = "https://news.example.com"
 POST = """---
@@ -58,35 +56,6 @@ READERS = {  # address: tier
 }
 THUNDERBIRD = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.3.0"
 APPLE_PROXY = "Mozilla/5.0"  # what Apple Mail Privacy Protection's prefetch sends
-
-
-@pytest.fixture
-def buffer() -> Iterator[str]:
-    with own_redis(BUFFER):
-        yield BUFFER
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Cli:
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env, self.cwd = env, cwd
-
-    def __call__(self, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run(
-            [str(BIN / "mailer"), *args],
-            env={**self.env, **(env or {})},
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, f"mailer {' '.join(args)}: {done.stderr}"
-        return done.stdout
 
 
 def stripe_event(event_id: str, kind: str, subscription: dict[str, Any]) -> dict[str, Any]:
@@ -118,10 +87,9 @@ def urls_of(message: EmailMessage) -> tuple[str, list[str], str]:
     return pixel[0], links, unsubscribe.group(1)
 
 
-def test_send_track_convert_and_count(
-    engine: Engine, db_url: str, buffer: str, tmp_path: Path
-) -> None:
-    port = _free_port()
+@pytest.mark.usefixtures("redis_db")
+def test_send_track_convert_and_count(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    port = free_port()
     tracker_url = f"http://127.0.0.1:{port}"
     base = {
         **dev_env(),
@@ -130,9 +98,12 @@ def test_send_track_convert_and_count(
         "MAILER_TRACKER_URL": tracker_url,
         "MAILER_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "MAILER_TRACKER_FLUSH_INTERVAL": "200ms",
-        "MAILER_BROKER_URL": buffer,
+        "MAILER_BROKER_URL": REDIS_URL,
     }
-    mailer = Cli(base, tmp_path)
+
+    def mailer(*args: str, env: dict[str, str] | None = None) -> str:
+        return run_mailer({**base, **(env or {})}, tmp_path, *args, timeout=120)
+
     (tmp_path / "post.md").write_text(POST)
     mailer("posts", "add", "post.md")
     for address, tier in READERS.items():

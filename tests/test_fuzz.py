@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+from helpers import running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
-from test_tracker import running
 
 from mailer import db, segments
 from mailer.billing.webhook import handle_stripe

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from conftest import dev_env
+from helpers import BIN, assert_one_error_line, dev_env, free_port, mailer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
-from test_cli import assert_one_error_line, mailer
-from workers import BIN, Processes, free_port
+from workers import Processes
 
 from mailer import db, subscribers
 from mailer.db.models import (
@@ -330,6 +329,7 @@ def test_mail_to_the_unsubscribe_address_unsubscribes_as_one_click_does(
     assert ledger.status("ann@readers.example") == "active"
 
 
+@pytest.mark.subprocess
 def test_process_reads_eml_maildir_and_mbox_once(
     ledger: Ledger, db_url: str, tmp_path: Path
 ) -> None:
@@ -394,6 +394,7 @@ def test_process_reads_eml_maildir_and_mbox_once(
     assert text.stdout == "25 messages read: nothing new\n"
 
 
+@pytest.mark.subprocess
 def test_process_refuses_bad_paths_before_handling_anything(
     ledger: Ledger, db_url: str, tmp_path: Path
 ) -> None:
@@ -419,6 +420,7 @@ def test_process_refuses_bad_paths_before_handling_anything(
     assert ledger.status("gone.reader@gmail.com") == "active"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_serve_takes_only_our_addresses_and_answers_after_the_commit(
     ledger: Ledger, db_url: str, tmp_path: Path

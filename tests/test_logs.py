@@ -10,10 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from helpers import BIN, free_port, run_mailer
 from smtp_servers import serve, wait_until
-from workers import BIN, Processes, RedisServer, add_readers, environment, free_port, run_mailer
+from workers import Processes, RedisServer, add_readers, environment
 
 from mailer import db, sends
+
+pytestmark = pytest.mark.subprocess
 
 POST = "---\ntitle: Logged\n---\n\nHello.\n"
 

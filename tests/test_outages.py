@@ -36,24 +36,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from helpers import run_mailer
 from smtp_servers import Outage, SmtpServer, greylist, serve, wait_until
 from sqlalchemy import Engine, make_url, select, text
 from sqlalchemy.exc import OperationalError
-from workers import (
-    Processes,
-    RedisServer,
-    add_readers,
-    environment,
-    kill,
-    run_mailer,
-    start_beat,
-    start_worker,
-)
+from workers import Processes, RedisServer, add_readers, environment, kill, start_beat, start_worker
 
 from mailer import db, sends
 from mailer.db.models import DeliveryRow, SubscriberRow
 
-pytestmark = pytest.mark.outage
+pytestmark = [pytest.mark.outage, pytest.mark.subprocess]
 
 READERS = 2000
 DOMAINS = 100

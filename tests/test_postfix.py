@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP, Session
+from helpers import BIN, free_port, run_mailer
 from smtp_servers import Recorder, serve, wait_until
 from sqlalchemy import Engine, func, select
-from workers import BIN, Processes, environment, free_port, run_mailer
+from workers import Processes, environment
 
 from mailer import db
 from mailer.db.models import BounceEventRow, DeliveryRow, SubscriberRow
@@ -33,6 +34,7 @@ GONE = ["gone1@readers.test", "gone2@readers.test"]  # 550 at RCPT TO
 BUSY = ["busy@readers.test"]  # 451 at RCPT TO: Postfix gives up after one try (see main.cf)
 
 pytestmark = [
+    pytest.mark.subprocess,
     pytest.mark.skipif(os.geteuid() != 0, reason="a private Postfix instance needs root"),
 ]
 

@@ -352,6 +352,7 @@ def spamassassin() -> str:
     return found
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("name", "composition", "variant"), samples(PROSE))
 def test_spamassassin_scores_the_sample_posts_at_zero_or_less(
     spamassassin: str, name: str, composition: Composition, variant: str
@@ -498,6 +499,7 @@ def layout(chromium: str, markup: str, width: int, tmp_path: Path) -> dict[str, 
     return result
 
 
+@pytest.mark.subprocess
 def test_chromium_shows_tables_whole_words_at_600_and_scrolling_at_375(
     chromium: str, tmp_path: Path
 ) -> None:

@@ -5,25 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DEV
+from helpers import DEV, assert_one_error_line, cli, free_port, run_mailer
 from smtp_servers import Slow, serve, wait_until
 from sqlalchemy import Engine, update
-from workers import (
-    BIN,
-    Processes,
-    RedisServer,
-    add_readers,
-    environment,
-    free_port,
-    run_mailer,
-    start_beat,
-    start_worker,
-)
+from workers import Processes, RedisServer, add_readers, environment, start_beat, start_worker
 
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -102,6 +91,7 @@ def test_a_send_found_past_the_grace_is_missed(
     assert "MAILER_SCHEDULE_GRACE (1h00m00s)" in caplog.text
 
 
+@pytest.mark.subprocess
 def test_a_send_due_while_the_worker_is_busy_starts_on_time_once_with_two_beats(
     tmp_path: Path,
 ) -> None:
@@ -185,15 +175,7 @@ def test_times_that_are_refused(text: str, message: str) -> None:
         parse_time(text, timezone="UTC", now=NOW)
 
 
-def mailer_fails(env: dict[str, str], cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 1 and done.stdout == "", done
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    return done.stderr
-
-
+@pytest.mark.subprocess
 def test_schedule_reschedule_miss_start_and_cancel_from_the_cli(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'mailer.db'}"
     db.upgrade(db_url)
@@ -206,10 +188,10 @@ def test_schedule_reschedule_miss_start_and_cancel_from_the_cli(tmp_path: Path) 
         run_mailer(env, tmp_path, "posts", "add", "post.md")
         send = ["send", "later", "--segment", "all", "--yes"]
 
-        assert "--at: 'at noon' is not a time" in mailer_fails(
-            env, tmp_path, *send, "--at", "at noon"
-        )
-        assert "is in the past" in mailer_fails(env, tmp_path, *send, "--at", "2020-01-01T00:00Z")
+        at_noon = cli(env, tmp_path, *send, "--at", "at noon")
+        assert_one_error_line(at_noon, "--at: 'at noon' is not a time")
+        past = cli(env, tmp_path, *send, "--at", "2020-01-01T00:00Z")
+        assert_one_error_line(past, "is in the past")
         with db.session(engine) as session:
             assert sends.list_sends(session) == []  # nothing half-made
 
@@ -217,9 +199,8 @@ def test_schedule_reschedule_miss_start_and_cancel_from_the_cli(tmp_path: Path) 
         shown = run_mailer(env, tmp_path, "sends", "show", str(first))
         assert "— scheduled" in shown and "scheduled " in shown
         assert f"{first}  scheduled  for " in run_mailer(env, tmp_path, "sends", "list")
-        assert "only when paused or failed" in mailer_fails(
-            env, tmp_path, "sends", "resume", str(first)
-        )
+        resumed = cli(env, tmp_path, "sends", "resume", str(first))
+        assert_one_error_line(resumed, "only when paused or failed")
 
         run_mailer(env, tmp_path, "sends", "reschedule", str(first), "--at", "in 2h")
         later = status(engine, first).scheduled_at

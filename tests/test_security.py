@@ -22,10 +22,8 @@ from typing import Any
 
 import pytest
 import stripe
-from smtp_servers import closed_port
+from helpers import assert_one_error_line, free_port, mailer, running
 from sqlalchemy import Engine, func, select
-from test_cli import assert_one_error_line, mailer
-from test_tracker import running
 
 from mailer import db, segments, subscribers
 from mailer.billing.webhook import handle_stripe
@@ -71,6 +69,7 @@ def test_the_built_in_or_a_short_key_is_refused_outside_dev() -> None:
     assert dev.secret_keys == (DEV_SECRET_KEY,)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "command",
     [
@@ -94,6 +93,7 @@ def test_every_process_refuses_the_built_in_key(command: list[str], tmp_path: Pa
     assert "`mailer secret` prints a new random key" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_mailer_secret_prints_a_new_key_that_is_accepted(tmp_path: Path, db_url: str) -> None:
     first = mailer(tmp_path, "secret", **prod(MAILER_SECRET_KEY="broken"))  # needs no settings
     second = mailer(tmp_path, "secret")
@@ -107,6 +107,7 @@ def test_mailer_secret_prints_a_new_key_that_is_accepted(tmp_path: Path, db_url:
     assert upgraded.returncode == 0, upgraded.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -126,8 +127,9 @@ def test_a_bad_setting_never_shows_its_password(name: str, value: str, tmp_path:
     assert PASSWORD not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_passwords_are_masked_in_reprs_errors_and_doctor_json(tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     env = {
         "MAILER_DATABASE_URL": f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/x",
         "MAILER_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/1",
@@ -479,6 +481,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
             assert lines[0] == "Traceback (most recent call last):"
 
 
+@pytest.mark.subprocess
 def test_bad_output_paths_fail_before_the_database_changes(db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0
@@ -564,6 +567,7 @@ def test_an_oversize_field_over_many_lines_rejects_one_row_and_the_reader_keeps_
         assert s.scalars(select(SubscriberRow.email)).all() == ["bob@example.com"]
 
 
+@pytest.mark.subprocess
 def test_a_post_over_the_size_limit_is_refused_at_once(tmp_path: Path, db_url: str) -> None:
     path = tmp_path / "huge.md"
     path.write_text(POST + "word " * (2 * 1024 * 1024 // 5))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from helpers import free_port
 from smtp_servers import (
     CloseAfter,
     DropAfterData,
@@ -19,7 +20,6 @@ from smtp_servers import (
     SmtpServer,
     black_hole,
     client_tls_context,
-    closed_port,
     greylist,
     serve,
 )
@@ -229,7 +229,7 @@ def test_a_server_that_never_greets_times_out_and_defers() -> None:
 
 
 def test_a_refused_connection_defers() -> None:
-    port = closed_port()
+    port = free_port()
     [outcome] = send_each(SmtpSettings("127.0.0.1", port), ["a@example.org"])
     assert (outcome.state, outcome.code, outcome.unreachable) == ("deferred", None, True)
     assert outcome.reply.startswith(f"connect to 127.0.0.1:{port} failed:")
@@ -304,7 +304,7 @@ def test_probe() -> None:
         with pytest.raises(PermanentDeliveryError, match="535"):
             asyncio.run(probe(server.settings(password="wrong"), 2.0))
     with pytest.raises(SmtpConnectError, match=r"connect to 127\.0\.0\.1:\d+ failed") as info:
-        asyncio.run(probe(SmtpSettings("127.0.0.1", closed_port()), 2.0))
+        asyncio.run(probe(SmtpSettings("127.0.0.1", free_port()), 2.0))
     assert isinstance(info.value, TransientDeliveryError)
 
 

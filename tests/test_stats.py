@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_error_line, mailer
 from sqlalchemy import Engine, update
-from test_cli import assert_one_error_line, mailer
 from typer.testing import CliRunner
 
 from mailer import db, subscribers
@@ -257,6 +257,7 @@ def test_cli_json_table_and_html(
     assert [p.name for p in report.parent.iterdir()] == ["report.html"]  # no temp file left
 
 
+@pytest.mark.subprocess
 def test_cli_errors_name_what_is_wrong(sent: Sent, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert_one_error_line(mailer(tmp_path, "stats", "no-such-post", **env), "'no-such-post'")

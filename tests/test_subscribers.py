@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from email_validator import EmailNotValidError, validate_email
+from helpers import assert_one_error_line, mailer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, insert, select
-from test_cli import assert_one_error_line, mailer
 from typer.testing import CliRunner
 
 from mailer import db, subscribers
@@ -188,6 +188,7 @@ def test_erase_removes_personal_data_and_blocks_re_adding(engine: Engine) -> Non
         subscribers.add(s, "ANN@example.com")
 
 
+@pytest.mark.subprocess
 def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands as a user runs them, on SQLite: the library tests cover both backends.
 

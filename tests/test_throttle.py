@@ -1,7 +1,10 @@
 """Throttles: measured rates, back-off and recovery, sharing through the real Redis.
 
-Redis tests use database 13 of the test server (conftest.redis_url) and flush only that one.
-Rates are kept small (10-40 messages/s) and the bounds tolerant: these are wall-clock tests.
+The arithmetic (limits, back-offs, the floor, recovery by doubling over the default policy's
+30 s cool-down) runs on a ``FakeClock``: its ``sleep`` only moves the hands, so the tests wait
+for nothing and the rates are checked to the millisecond. A few tests keep the real clock
+(Redis's ``TIME`` and ``asyncio.sleep``), with small rates (10-20 messages/s) and tolerant
+bounds, to prove the throttles pace real time too.
 """
 
 from __future__ import annotations
@@ -9,53 +12,73 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
-from conftest import DEV, REDIS_HOST, REDIS_PORT, own_redis, redis_url
+from conftest import REDIS_DB, REDIS_HOST, REDIS_PORT, REDIS_URL
+from helpers import DEV, free_port
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from smtp_servers import closed_port
 
 from mailer.config import load_settings
 from mailer.delivery.throttle import (
     MIN_TOLERANCE,
+    MONOTONIC,
     BackoffPolicy,
+    Clock,
     LocalThrottle,
     RedisThrottle,
     Throttle,
 )
 from mailer.errors import TransientDeliveryError
 
-DB = 13
 PREFIX = "test:throttle:"
 
 
-@pytest.fixture
-def clean_redis() -> Iterator[None]:
-    with own_redis(redis_url(DB)):
-        yield
+class FakeClock:
+    """Time that passes only when a throttle sleeps or the test says so."""
+
+    def __init__(self) -> None:
+        self.time = 1_000.0
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        # At least a microsecond, as a real sleep: a wait of 1e-16 s (rounding) would
+        # otherwise leave the time as it was, and the throttle would ask again forever.
+        self.time += max(seconds, 1e-6)
+        await asyncio.sleep(0)  # let the other senders run, as a real sleep would
+
+    def at(self, time: float) -> None:
+        assert time >= self.time, "a clock never goes back"
+        self.time = time
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis), "local"])
 def kind(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
-        request.getfixturevalue("clean_redis")
+        request.getfixturevalue("redis_db")
     return str(request.param)
 
 
 @contextlib.asynccontextmanager
-async def throttles(kind: str, workers: int = 1, **options: Any) -> AsyncIterator[list[Throttle]]:
-    """``workers`` throttles sharing state, as separate worker processes would."""
+async def throttles(
+    kind: str, workers: int = 1, clock: FakeClock | None = None, **options: Any
+) -> AsyncIterator[list[Throttle]]:
+    """``workers`` throttles sharing state, as separate worker processes would; on ``clock``
+    if given (else on real time: Redis's and ``time.monotonic``)."""
     options = {"rate_limit": 0.0, "domain_limits": (), **options}
+    if clock is not None:
+        options["clock"] = clock
     if kind == "local":
         assert workers == 1, "a LocalThrottle shares nothing"
         yield [LocalThrottle(**options)]
         return
-    clients = [redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB) for _ in range(workers)]
+    clients = [redis.asyncio.Redis.from_url(REDIS_URL) for _ in range(workers)]
     try:
         yield [RedisThrottle(client, key_prefix=PREFIX, **options) for client in clients]
     finally:
@@ -63,100 +86,141 @@ async def throttles(kind: str, workers: int = 1, **options: Any) -> AsyncIterato
             await client.aclose()
 
 
-async def timed(throttle: Throttle, domain: str, count: int, concurrency: int = 4) -> float:
-    """Seconds that ``count`` acquires, ``concurrency`` at a time, took."""
+async def timed(
+    throttle: Throttle, domain: str, count: int, clock: Clock = MONOTONIC, concurrency: int = 4
+) -> float:
+    """Seconds that ``count`` acquires, ``concurrency`` at a time, took on ``clock``."""
     remaining = iter(range(count))
 
     async def sender() -> None:
         for _ in remaining:
             await throttle.acquire(domain)
 
-    start = time.monotonic()
+    start = clock.now()
     await asyncio.gather(*(sender() for _ in range(concurrency)))
-    return time.monotonic() - start
+    return clock.now() - start
+
+
+def paced(count: int, rate: float) -> float:
+    """Seconds ``count`` messages take at ``rate`` from a rested bucket, after its burst."""
+    burst = 1 + max(1, int(MIN_TOLERANCE * rate))
+    return (count - burst) / rate
 
 
 def assert_paced(seconds: float, count: int, rate: float) -> None:
-    """``count`` messages took as long as ``rate`` allows after a rested bucket's burst."""
-    burst = 1 + max(1, int(MIN_TOLERANCE * rate))
-    expected = (count - burst) / rate
+    """On real time: within the bounds a loaded machine needs."""
+    expected = paced(count, rate)
     assert 0.75 * expected <= seconds <= 1.3 * expected + 0.05, (
         f"{count} messages took {seconds:.3f}s; at {rate}/s: {expected:.3f}s"
     )
 
 
-async def assert_pace(throttle: Throttle, domain: str, count: int, rate: float) -> None:
-    assert_paced(await timed(throttle, domain, count), count, rate)
+async def assert_pace(
+    throttle: Throttle, clock: FakeClock, domain: str, count: int, rate: float
+) -> None:
+    """On a fake clock: to the millisecond (Redis's script rounds its waits up to one)."""
+    seconds = await timed(throttle, domain, count, clock)
+    assert seconds == pytest.approx(paced(count, rate), abs=0.002), (
+        f"{count} messages took {seconds:.4f}s; at {rate}/s: {paced(count, rate):.4f}s"
+    )
 
 
-async def is_unthrottled(throttle: Throttle, domain: str) -> bool:
-    return await timed(throttle, domain, 1000, concurrency=1) < 0.25
+async def is_unthrottled(throttle: Throttle, clock: FakeClock, domain: str) -> bool:
+    return await timed(throttle, domain, 100, clock, concurrency=1) == 0
+
+
+def test_global_limit_on_real_time(kind: str) -> None:
+    async def run() -> None:
+        async with throttles(kind, rate_limit=20) as [throttle]:
+            assert_paced(await timed(throttle, "example.org", 21), 21, 20)
+
+    asyncio.run(run())
 
 
 def test_global_limit(kind: str) -> None:
+    clock = FakeClock()
+
     async def run() -> None:
-        async with throttles(kind, rate_limit=20) as [throttle]:
-            await assert_pace(throttle, "example.org", 21, 20)
+        async with throttles(kind, clock=clock, rate_limit=20) as [throttle]:
+            await assert_pace(throttle, clock, "example.org", 41, 20)
 
     asyncio.run(run())
 
 
 def test_a_domain_limit_leaves_other_domains_alone(kind: str) -> None:
+    clock = FakeClock()
+
     async def run() -> None:
-        async with throttles(kind, domain_limits=[("Slow.example", 10)]) as [throttle]:
-            await assert_pace(throttle, "slow.EXAMPLE", 11, 10)
-            assert await is_unthrottled(throttle, "fast.example")
+        async with throttles(kind, clock=clock, domain_limits=[("Slow.example", 10)]) as [th]:
+            await assert_pace(th, clock, "slow.EXAMPLE", 11, 10)
+            assert await is_unthrottled(th, clock, "fast.example")
 
     asyncio.run(run())
 
 
 def test_backoff_halves_once_per_burst_then_recovers_by_doubling(kind: str) -> None:
-    policy = BackoffPolicy(cooldown=0.5, step=0.5, min_gap=0.25, refresh=0.05)
+    """The default policy: halvings 1 s apart count once, 30 s of cool-down, then the rate
+    doubles every 10 s back to the limit."""
+    clock = FakeClock()
 
     async def run() -> None:
-        async with throttles(kind, domain_limits=[("slow.example", 80)], backoff=policy) as [th]:
+        async with throttles(kind, clock=clock, domain_limits=[("slow.example", 80)]) as [th]:
             await th.backoff("slow.example")
+            clock.at(clock.now() + 0.5)
             await th.backoff("slow.example")  # the same burst of refusals: halved once
-            start = time.monotonic()
-            await assert_pace(th, "slow.example", 11, 40)
-            await asyncio.sleep(0.3 - (time.monotonic() - start))
+            await assert_pace(th, clock, "slow.example", 11, 40)
+            clock.at(clock.now() + 5)
             await th.backoff("slow.example")  # a new burst: 20/s, and the cool-down restarts
-            start = time.monotonic()
-            await assert_pace(th, "slow.example", 6, 20)
-            await asyncio.sleep(0.55 - (time.monotonic() - start))
-            await assert_pace(th, "slow.example", 9, 40)  # cooled down: doubled
-            await asyncio.sleep(1.05 - (time.monotonic() - start))
-            await assert_pace(th, "slow.example", 21, 80)  # back to the limit
+            last = clock.now()
+            await assert_pace(th, clock, "slow.example", 6, 20)
+            clock.at(last + 29.5)
+            await assert_pace(th, clock, "slow.example", 6, 20)  # still cooling down
+            clock.at(last + 30.5)
+            await assert_pace(th, clock, "slow.example", 9, 40)  # cooled down: doubled
+            clock.at(last + 39.5)
+            await assert_pace(th, clock, "slow.example", 9, 40)
+            clock.at(last + 40.5)
+            await assert_pace(th, clock, "slow.example", 21, 80)  # back to the limit
+            clock.at(last + 60)
+            await th.backoff("slow.example")  # over: a back-off starts from the limit again
+            await assert_pace(th, clock, "slow.example", 11, 40)
 
     asyncio.run(run())
 
 
 def test_backoff_of_a_domain_without_a_limit(kind: str) -> None:
-    policy = BackoffPolicy(unlimited_rate=20, refresh=0.05)
+    clock = FakeClock()
+    policy = BackoffPolicy(unlimited_rate=20)
 
     async def run() -> None:
-        async with throttles(kind, backoff=policy) as [throttle]:
-            assert await is_unthrottled(throttle, "busy.example")
+        async with throttles(kind, clock=clock, backoff=policy) as [throttle]:
+            assert await is_unthrottled(throttle, clock, "busy.example")
             await throttle.backoff("busy.example")
-            await assert_pace(throttle, "busy.example", 11, 10)
-            assert await is_unthrottled(throttle, "other.example")
+            await assert_pace(throttle, clock, "busy.example", 11, 10)
+            assert await is_unthrottled(throttle, clock, "other.example")
+            clock.at(clock.now() + 30 + 10)  # recovered to 20/s: unlimited again
+            assert await is_unthrottled(throttle, clock, "busy.example")
 
     asyncio.run(run())
 
 
 def test_backoff_never_goes_below_the_floor(kind: str) -> None:
-    policy = BackoffPolicy(floor=10, min_gap=0, refresh=0.05)
+    clock = FakeClock()
+    policy = BackoffPolicy(floor=10)
 
     async def run() -> None:
-        async with throttles(kind, domain_limits=[("slow.example", 40)], backoff=policy) as [th]:
+        async with throttles(
+            kind, clock=clock, domain_limits=[("slow.example", 40)], backoff=policy
+        ) as [th]:
             for _ in range(5):
                 await th.backoff("slow.example")
-            await assert_pace(th, "slow.example", 6, 10)
+                clock.at(clock.now() + policy.min_gap)
+            await assert_pace(th, clock, "slow.example", 6, 10)
 
     asyncio.run(run())
 
 
-@pytest.mark.usefixtures("clean_redis")
+@pytest.mark.usefixtures("redis_db")
 def test_two_workers_share_one_global_limit() -> None:
     async def run() -> None:
         async with throttles("redis", workers=2, rate_limit=20) as [first, second]:
@@ -167,36 +231,39 @@ def test_two_workers_share_one_global_limit() -> None:
     asyncio.run(run())
 
 
-@pytest.mark.usefixtures("clean_redis")
+@pytest.mark.usefixtures("redis_db")
 def test_a_backoff_reaches_every_worker() -> None:
-    policy = BackoffPolicy(unlimited_rate=20, refresh=0.05)
+    clock = FakeClock()
+    policy = BackoffPolicy(unlimited_rate=20)
 
     async def run() -> None:
-        async with throttles("redis", workers=2, backoff=policy) as [first, second]:
-            assert await is_unthrottled(second, "busy.example")
+        async with throttles("redis", 2, clock, backoff=policy) as [first, second]:
+            assert await is_unthrottled(second, clock, "busy.example")
             await first.backoff("busy.example")
-            await asyncio.sleep(0.1)  # the other worker rereads the back-offs
-            await assert_pace(second, "busy.example", 11, 10)
+            assert await is_unthrottled(second, clock, "busy.example")  # not reread yet
+            clock.at(clock.now() + policy.refresh)  # the other worker rereads the back-offs
+            await assert_pace(second, clock, "busy.example", 11, 10)
 
     asyncio.run(run())
 
 
-@pytest.mark.usefixtures("clean_redis")
+@pytest.mark.usefixtures("redis_db")
 def test_from_settings_keeps_state_in_the_broker_redis() -> None:
     environ = {
         **DEV,
-        "MAILER_BROKER_URL": redis_url(DB),
+        "MAILER_BROKER_URL": REDIS_URL,
         "MAILER_DOMAIN_LIMITS": "slow.example=10/s",
     }
     settings = load_settings(environ, env_file=None)
 
     async def run() -> None:
         throttle = RedisThrottle.from_settings(settings)
-        await assert_pace(throttle, "slow.example", 6, 10)
+        assert_paced(await timed(throttle, "slow.example", 6), 6, 10)
         await throttle.backoff("busy.example")
+        await throttle._redis.aclose()  # the client it made: left open, its socket would leak
 
     asyncio.run(run())
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    client = redis.Redis.from_url(REDIS_URL)
     assert client.smembers("mailer:throttle:backoffs") == {b"busy.example"}
     client.close()
 
@@ -209,10 +276,10 @@ class CountingRedis(redis.asyncio.Redis):
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
-@pytest.mark.usefixtures("clean_redis")
+@pytest.mark.usefixtures("redis_db")
 def test_no_redis_round_trip_for_an_unthrottled_domain() -> None:
     async def run() -> int:
-        client = CountingRedis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+        client = CountingRedis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
         throttle = RedisThrottle(client, rate_limit=0, domain_limits=[("slow.example", 5)])
         for _ in range(1000):
             await throttle.acquire("fast.example")
@@ -225,7 +292,7 @@ def test_no_redis_round_trip_for_an_unthrottled_domain() -> None:
 def test_redis_down_is_a_transient_delivery_error() -> None:
     async def run() -> None:
         no_retries = Retry(NoBackoff(), 0)
-        client = redis.asyncio.Redis(host="127.0.0.1", port=closed_port(), retry=no_retries)
+        client = redis.asyncio.Redis(host="127.0.0.1", port=free_port(), retry=no_retries)
         throttle = RedisThrottle(client, rate_limit=10, domain_limits=())
         with pytest.raises(TransientDeliveryError, match="rate limiter: Redis failed"):
             await throttle.acquire("example.org")
@@ -237,7 +304,7 @@ def test_redis_down_is_a_transient_delivery_error() -> None:
 def test_without_a_limit_redis_down_costs_nothing() -> None:
     async def run() -> None:
         no_retries = Retry(NoBackoff(), 0)
-        client = redis.asyncio.Redis(host="127.0.0.1", port=closed_port(), retry=no_retries)
+        client = redis.asyncio.Redis(host="127.0.0.1", port=free_port(), retry=no_retries)
         throttle = RedisThrottle(
             client, rate_limit=0, domain_limits=(), backoff=BackoffPolicy(refresh=0.0)
         )

@@ -1,21 +1,18 @@
 """The tracker over real HTTP (uvicorn), with the real Redis buffer, on SQLite and PostgreSQL.
 
-Redis tests use database 14 of the test server (conftest.redis_url) and flush only that one.
-Apps run in a thread on a free port with the flusher's interval set to an hour, so events
-reach the database when the app stops (its last flush) or when a test flushes by hand.
+Apps run in a thread (``helpers.running``) on a free port with the flusher's interval set to an
+hour, so events reach the database when the app stops (its last flush) or when a test flushes
+by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis
-import uvicorn
-from conftest import dev_env, own_redis, redis_url
+from conftest import REDIS_URL
+from helpers import CHROME, dev_env, free_port, running
 from prometheus_client.parser import text_string_to_metric_families
-from smtp_servers import closed_port, wait_until
+from smtp_servers import wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
 from starlette.types import ASGIApp
 
@@ -47,7 +44,6 @@ from mailer.metrics import render
 from mailer.subscribers import manage
 from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import PIXEL, StripeWebhook, create_app
-from mailer.tracking.http import HeaderLimited
 from mailer.tracking.ingest import (
     STREAM,
     Event,
@@ -56,12 +52,10 @@ from mailer.tracking.ingest import (
     flush_once,
 )
 
-REDIS_URL = redis_url(14)
 SECRET = "tracker-test-secret-0123456789"
 SITE = "https://news.example.com"
 ARTICLE = "https://example.org/articles/harbour?utm_source=mail"
 SUBSCRIBE = f"{SITE}/subscribe?plan=annual"
-CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0"
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 signer = Signer([SECRET])
 
@@ -102,13 +96,7 @@ class World:
 
 
 @pytest.fixture
-def clean_redis() -> Iterator[redis.Redis]:
-    with own_redis(REDIS_URL) as client:
-        yield client
-
-
-@pytest.fixture
-def world(engine: Engine, db_url: str, clean_redis: redis.Redis) -> World:
+def world(engine: Engine, db_url: str, redis_db: redis.Redis) -> World:
     """A send with two links; readers delivered a minute ago ("early" just now)."""
     now = utcnow()
     sent = {"ann": now - dt.timedelta(minutes=1), "bob": now - dt.timedelta(minutes=1)}
@@ -149,26 +137,6 @@ def make_app(engine: Engine, buffer: RedisBuffer, **options: Any) -> ASGIApp:
         flush_interval=options.pop("flush_interval", 3600.0),
         **options,
     )
-
-
-@contextlib.contextmanager
-def running(app: ASGIApp) -> Iterator[httpx.Client]:
-    """``app`` under uvicorn in a thread; stopping it runs the lifespan's last flush."""
-    config = uvicorn.Config(
-        app, port=0, log_level="warning", proxy_headers=False, http=HeaderLimited
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 def test_pixel_answers_a_gif_at_once_and_the_flusher_classifies_the_open(world: World) -> None:
@@ -320,7 +288,7 @@ def append_all(buffer: RedisBuffer, events: list[Event]) -> None:
 
 
 def test_flushing_again_after_a_crash_before_the_ack_inserts_nothing_twice(
-    world: World, monkeypatch: pytest.MonkeyPatch, clean_redis: redis.Redis
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_db: redis.Redis
 ) -> None:
     at = utcnow().timestamp()
     events = [Event("open", world.send_id, world.readers["ann"], at + i) for i in range(5)]
@@ -337,7 +305,7 @@ def test_flushing_again_after_a_crash_before_the_ack_inserts_nothing_twice(
     assert len(world.events()) == 5
     assert flush_once(world.engine, buffer) == 0
     assert len(world.events()) == 5
-    assert clean_redis.xlen(STREAM) == 0
+    assert redis_db.xlen(STREAM) == 0
     assert flush_once(world.engine, buffer) == 0
 
 
@@ -383,8 +351,9 @@ def test_events_arriving_while_the_database_is_down_are_written_later(
     assert world.status_changes("ann") == 1
 
 
+@pytest.mark.subprocess
 def test_sigterm_makes_the_served_tracker_write_its_buffer(world: World, tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     env = dev_env()
     env |= {
         "MAILER_DATABASE_URL": world.db_url,
@@ -436,8 +405,8 @@ def test_health_and_readiness_name_what_does_not_answer(world: World) -> None:
         assert ready.status_code == 200
         assert ready.json() == {"ready": True, "checks": {"database": "ok", "redis": "ok"}}
 
-    unreachable = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x")
-    no_redis = RedisBuffer(f"redis://127.0.0.1:{closed_port()}/0")
+    unreachable = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
+    no_redis = RedisBuffer(f"redis://127.0.0.1:{free_port()}/0")
     with running(make_app(unreachable, no_redis, flush_interval=None)) as client:
         assert client.get("/healthz").status_code == 200  # alive, though not ready
         ready = client.get("/readyz")
@@ -448,11 +417,11 @@ def test_health_and_readiness_name_what_does_not_answer(world: World) -> None:
     unreachable.dispose()
 
 
-def test_metrics_parse_and_agree_with_the_ledger(world: World, clean_redis: redis.Redis) -> None:
+def test_metrics_parse_and_agree_with_the_ledger(world: World, redis_db: redis.Redis) -> None:
     buffer = RedisBuffer(REDIS_URL)
-    heartbeat.record(clean_redis, 1_800_000_000.5)
-    clean_redis.rpush("celery", "a task", "another")
-    metrics = functools.partial(render, world.engine, clean_redis, buffer)
+    heartbeat.record(redis_db, 1_800_000_000.5)
+    redis_db.rpush("celery", "a task", "another")
+    metrics = functools.partial(render, world.engine, redis_db, buffer)
     app = make_app(world.engine, buffer, flush_interval=0.05, metrics=metrics, metrics_token="s3")
     with running(app) as client:
         client.get(f"/o/{world.token(Kind.OPEN, 'ann')}.gif", headers={"User-Agent": CHROME})

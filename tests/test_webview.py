@@ -9,16 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import html
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import own_redis, redis_url
+from conftest import REDIS_URL
+from helpers import CHROME, running
 from sqlalchemy import Engine, create_engine, delete, select, update
 from starlette.types import ASGIApp
-from test_tracker import CHROME, SECRET, running
 
 from mailer import db, sends
 from mailer.compose import Publication, compose
@@ -31,7 +30,7 @@ from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import create_app
 from mailer.tracking.ingest import RedisBuffer, flush_once
 
-REDIS_URL = redis_url(13)
+SECRET = "webview-test-secret-0123456789"
 TRACKER = "https://t.example.com"
 POST = Path(__file__).resolve().parents[1] / "examples" / "posts" / "the-harbour-in-numbers.md"
 PUB = Publication(
@@ -67,13 +66,7 @@ class Send:
 
 
 @pytest.fixture
-def clean_redis() -> Iterator[redis.Redis]:
-    with own_redis(REDIS_URL) as client:
-        yield client
-
-
-@pytest.fixture
-def send(engine: Engine, clean_redis: redis.Redis) -> Send:
+def send(engine: Engine, redis_db: redis.Redis) -> Send:
     with db.session(engine) as session:
         save_post(session, parse_post(POST), source=str(POST))
         readers = {

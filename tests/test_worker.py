@@ -14,25 +14,18 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from conftest import own_redis, redis_url
+import redis
+from conftest import REDIS_URL
+from helpers import BIN, free_port, run_mailer
 from smtp_servers import Slow, serve, wait_until
 from sqlalchemy import Engine, select
-from workers import (
-    BIN,
-    Processes,
-    add_readers,
-    environment,
-    free_port,
-    kill,
-    run_mailer,
-    start_worker,
-)
+from workers import Processes, add_readers, environment, kill, start_worker
 
 from mailer import db, sends
 from mailer.db.models import DeliveryRow, SubscriberRow
 
-BROKER_DB = 11  # this suite's own Redis database; never 0
-BROKER = redis_url(BROKER_DB)
+pytestmark = pytest.mark.subprocess
+
 POST = "---\ntitle: Killed Mid Batch\n---\n\nHello {{ name }}.\n"
 READERS = 120
 CONCURRENCY = 2
@@ -40,9 +33,8 @@ BATCH_TASK = "mailer.deliver_batch"
 
 
 @pytest.fixture
-def broker() -> Iterator[str]:
-    with own_redis(BROKER):
-        yield BROKER
+def broker(redis_db: redis.Redis) -> str:
+    return REDIS_URL
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ a Redis server of a test's own, each in a process group of its own so nothing ou
         broker.url; broker.stop(); broker.start() # same port again, empty
 
 ``environment(db_url, broker, smtp_port, MAILER_X="...")`` is the ``MAILER_*`` environment of
-a process; ``run_mailer(env, cwd, *args)`` runs the CLI and returns what it printed;
-``add_readers(engine, n, domains=k)`` adds ``n`` readers spread over ``k`` domains.
+a process; ``add_readers(engine, n, domains=k)`` adds ``n`` readers spread over ``k`` domains.
 """
 
 from __future__ import annotations
@@ -19,29 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import redis
-from conftest import dev_env
+from helpers import BIN, HOST, dev_env, free_port
 from sqlalchemy import Engine
 
 from mailer import db
 from mailer.db.models import SubscriberRow
-
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class Processes:
@@ -137,14 +125,6 @@ def environment(db_url: str, broker: str, smtp_port: int, **settings: str) -> di
         "MAILER_SMTP_URL": f"smtp://{HOST}:{smtp_port}",
         **settings,
     }
-
-
-def run_mailer(env: dict[str, str], cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        [str(BIN / "mailer"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def add_readers(engine: Engine, count: int, *, domains: int = 1) -> list[str]:
