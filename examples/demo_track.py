@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import os
 import re
 import signal
@@ -28,8 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import redis
-import stripe
 
+from mailer.billing.testing import signed, subscription_event
 from mailer.config import load_settings, masked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +68,6 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def stripe_event(event_id: str, kind: str, subscription: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": event_id,
-        "object": "event",
-        "type": kind,
-        "created": int(time.time()),
-        "data": {"object": {"object": "subscription", **subscription}},
-    }
-
-
 class Reader:
     """One reader's actions against the tracker, as their mail client and browser send them."""
 
@@ -105,13 +94,11 @@ class Reader:
 
     def webhook(self, base: str, event: dict[str, Any]) -> None:
         """Post ``event`` the way Stripe does, signed with the stripe library."""
-        payload = json.dumps(event)
-        at = int(time.time())
-        mac = stripe.WebhookSignature._compute_signature(f"{at}.{payload}", self.secret)
+        payload, signature = signed(event, self.secret)
         answer = self.http.post(
             f"{base}/webhooks/stripe",
             content=payload,
-            headers={"Stripe-Signature": f"t={at},v1={mac}", "Content-Type": "application/json"},
+            headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
         )
         answer.raise_for_status()
 
@@ -176,7 +163,7 @@ def main() -> int:
                 subscription = {"id": f"sub_demo_{run}_{n}", "customer": f"cus_demo_{run}_{n}"}
                 reader.webhook(
                     settings.tracker_url,
-                    stripe_event(
+                    subscription_event(
                         f"evt_demo_{run}_{n}_created",
                         "customer.subscription.created",
                         subscription
@@ -188,12 +175,12 @@ def main() -> int:
                     ),
                 )
                 print(f"{reader.address} clicked the paywall button and started a trial")
-            paid = stripe_event(
+            paid = subscription_event(
                 f"evt_demo_{run}_0_paid",
                 "customer.subscription.updated",
                 {"id": f"sub_demo_{run}_0", "customer": f"cus_demo_{run}_0", "status": "active"},
+                previous={"status": "trialing"},
             )
-            paid["data"]["previous_attributes"] = {"status": "trialing"}
             readers[0].webhook(settings.tracker_url, paid)
             print(f"{readers[0].address} paid: trial converted (a signed Stripe event)")
     finally:

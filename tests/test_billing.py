@@ -7,18 +7,17 @@ Stripe sends, so verification is tested against the real thing.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe
 from sqlalchemy import Engine, func, select
 from typer.testing import CliRunner
 
 from mailer import db, subscribers
+from mailer.billing import testing as stripe_events
 from mailer.billing.attribution import attribute, change_tier
 from mailer.billing.webhook import handle_stripe
 from mailer.cli import app
@@ -43,10 +42,7 @@ TRIAL_END = int(dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC).timestamp())
 
 def signed(event: dict[str, Any], *, secret: str = SECRET, age: int = 0) -> tuple[bytes, str]:
     """The body and a ``Stripe-Signature`` header for it, ``age`` seconds old."""
-    payload = json.dumps(event)
-    timestamp = int(time.time()) - age
-    signature = stripe.WebhookSignature._compute_signature(f"{timestamp}.{payload}", secret)
-    return payload.encode(), f"t={timestamp},v1={signature}"
+    return stripe_events.signed(event, secret, at=int(time.time()) - age)
 
 
 def subscription_event(
@@ -58,19 +54,15 @@ def subscription_event(
     metadata: dict[str, str] | None = None,
     previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "object": {
-            "id": "sub_1",
-            "object": "subscription",
-            "customer": customer,
-            "status": status,
-            "metadata": metadata or {},
-            "trial_end": TRIAL_END if status == "trialing" else None,
-        }
+    """About subscription sub_1 of ``customer``, whose trial ends at TRIAL_END if trialing."""
+    subscription = {
+        "id": "sub_1",
+        "customer": customer,
+        "status": status,
+        "metadata": metadata or {},
+        "trial_end": TRIAL_END if status == "trialing" else None,
     }
-    if previous is not None:
-        data["previous_attributes"] = previous
-    return {"id": event_id, "object": "event", "type": event_type, "data": data}
+    return stripe_events.subscription_event(event_id, event_type, subscription, previous=previous)
 
 
 @dataclass
