@@ -6,11 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint bench email-clients screenshots clean
+.PHONY: help venv demo test test-fast lint bench email-clients screenshots clean
 
 help:
 	@echo "make demo   set up, then render the sample post's variants under var/"
 	@echo "make test   set up, lint, then run the tests (SQLite and PostgreSQL)"
+	@echo "make test-fast  the in-process tests alone, no lint (-m 'not subprocess and not outage')"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make bench  run the benchmarks"
 	@echo "make email-clients  what of our HTML some mail clients lack (caniemail), beyond MJML's"
@@ -64,6 +65,12 @@ test: venv lint $(TEST_TOOLS)
 	wait $$outages; status=$$?; \
 	echo "== the outage scenarios, run beside the suite:"; cat $(OUTAGE_LOG); \
 	exit $$(( rest || status ))
+
+# The loop while working: the tests that start no process, in under a minute. They still use
+# PostgreSQL and Redis; `pytest -m "not subprocess and not outage and not postgres and not redis"`
+# needs neither.
+test-fast: venv
+	$(BIN)/pytest -m "not subprocess and not outage"
 
 lint: venv
 	$(BIN)/ruff check .

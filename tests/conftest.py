@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,28 +100,97 @@ def pg_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
+def _pg_url(name: str) -> str:
+    return ADMIN_URL.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once per run, for each test's ``engine`` to copy."""
+    path = tmp_path_factory.mktemp("migrated") / "mailer.db"
+    db.upgrade(f"sqlite:///{path}")  # disposed after: the WAL is checkpointed into the file
+    return path
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(pg_admin: Engine) -> Iterator[str]:
+    """The run's one migrated PostgreSQL database, which each ``engine`` test gets emptied."""
+    name = f"mailer_m_{secrets.token_hex(6)}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        db.upgrade(_pg_url(name))
+        yield name
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _emptied(admin: Engine, name: str) -> None:
+    """Every row of the migrated database gone, its ids starting again at 1: as new."""
+    with admin.connect() as conn:
+        # A connection the last test leaked must not hold a lock the TRUNCATE waits for.
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+    engine = create_engine(_pg_url(name), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            tables = conn.scalar(
+                text(
+                    "SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables "
+                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            )
+            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of a fresh, empty database (nothing created in it yet)."""
+    """The URL of a fresh database: empty, or migrated if the test asks for ``engine`` too.
+
+    Creating and migrating a database is most of a test's set-up, so a migrated one is a copy
+    of one migrated once per run (SQLite), or the run's one migrated database emptied
+    (PostgreSQL); test_db proves the migrations themselves, on empty databases."""
+    migrated = "engine" in request.fixturenames
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'var' / 'mailer.db'}"
+        path = tmp_path / "var" / "mailer.db"
+        if migrated:
+            path.parent.mkdir()
+            shutil.copy(request.getfixturevalue("migrated_sqlite"), path)  # its mode 0600 too
+        yield f"sqlite:///{path}"
         return
     admin: Engine = request.getfixturevalue("pg_admin")
+    if migrated:
+        name = request.getfixturevalue("migrated_postgres")
+        _emptied(admin, name)
+        yield _pg_url(name)
+        return
     name = f"mailer_t_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield ADMIN_URL.set(database=name).render_as_string(hide_password=False)
+        yield _pg_url(name)
     finally:
         with admin.connect() as conn:
             # FORCE: a connection the test leaked must not keep the database alive.
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+# For a test whose backend is incidental (what a command prints, how it fails): SQLite alone.
+# The library's work with each backend is proven in process, on both.
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
-    """A migrated database, on each backend."""
-    db.upgrade(db_url)
+    """A migrated database, on each backend (see ``db_url``)."""
     migrated = db.connect(db_url)
     yield migrated
     migrated.dispose()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from conftest import sqlite_only
 from helpers import assert_one_error_line, dev_env, mailer
 from smtp_servers import serve
 from sqlalchemy import Engine
@@ -98,6 +99,7 @@ def test_upgrade_add_and_list(db_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_bad_post_is_refused_and_nothing_stored(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
@@ -140,6 +142,7 @@ def test_bad_setting_names_the_variable(tmp_path: Path, name: str, value: str) -
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_preview_every_variant_and_format(engine: Engine, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url, "MAILER_TRACKER_URL": "https://t.example.com"}
     (tmp_path / "post.md").write_text(PAID_POST)
@@ -179,6 +182,7 @@ def test_preview_every_variant_and_format(engine: Engine, db_url: str, tmp_path:
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_preview_refuses_bad_input(engine: Engine, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert_one_error_line(mailer(tmp_path, "preview", "no-such-post", **env), "no-such-post")
@@ -205,6 +209,7 @@ def big_post() -> str:
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_posts_add_and_preview_warn_about_removed_html_and_clipping(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -235,6 +240,7 @@ def test_posts_add_and_preview_warn_about_removed_html_and_clipping(
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_send_asks_before_sending_a_post_gmail_will_clip(db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url, "MAILER_BROKER_URL": "redis://127.0.0.1:1/0"}
     assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0

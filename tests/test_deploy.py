@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import sqlite_only
 
 from mailer.config import load_settings
 from mailer.errors import ConfigError
@@ -88,7 +89,7 @@ def test_the_example_env_is_valid_settings_once_its_key_is_filled_in(tmp_path: P
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@sqlite_only
 def test_an_installed_wheel_composes_outside_the_checkout(tmp_path: Path, db_url: str) -> None:
     wheels = tmp_path / "wheels"
     run = {"capture_output": True, "text": True, "timeout": 300}

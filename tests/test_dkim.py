@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dkim
 import pytest
+from conftest import sqlite_only
 from helpers import cli, dev_env, free_port, run_mailer
 from smtp_servers import serve
 from sqlalchemy import Engine
@@ -35,7 +36,7 @@ def keygen(env: dict[str, str], cwd: Path, out: Path, *extra: str) -> dict[str, 
     return found
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@sqlite_only
 def test_every_message_of_a_send_verifies_with_both_keys(
     engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
@@ -98,7 +99,7 @@ def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> No
     assert not (tmp_path / "new.pem").exists()
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@sqlite_only
 def test_a_bad_key_is_one_error_at_send_and_fails_the_send_not_a_batch(
     engine: Engine, db_url: str, tmp_path: Path
 ) -> None:

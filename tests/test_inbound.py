@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from conftest import sqlite_only
 from helpers import BIN, assert_one_error_line, dev_env, free_port, mailer
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -395,6 +396,7 @@ def test_process_reads_eml_maildir_and_mbox_once(
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_process_refuses_bad_paths_before_handling_anything(
     ledger: Ledger, db_url: str, tmp_path: Path
 ) -> None:
@@ -421,7 +423,7 @@ def test_process_refuses_bad_paths_before_handling_anything(
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@sqlite_only
 def test_serve_takes_only_our_addresses_and_answers_after_the_commit(
     ledger: Ledger, db_url: str, tmp_path: Path
 ) -> None:

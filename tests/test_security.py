@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stripe
+from conftest import sqlite_only
 from helpers import assert_one_error_line, free_port, mailer, running
 from sqlalchemy import Engine, func, select
 
 from mailer import db, segments, subscribers
+from mailer.billing.testing import signature
 from mailer.billing.webhook import handle_stripe
 from mailer.cli import main
 from mailer.config import DEV_SECRET_KEY, MIN_KEY_BYTES, load_settings
@@ -94,6 +95,7 @@ def test_every_process_refuses_the_built_in_key(command: list[str], tmp_path: Pa
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_mailer_secret_prints_a_new_key_that_is_accepted(tmp_path: Path, db_url: str) -> None:
     first = mailer(tmp_path, "secret", **prod(MAILER_SECRET_KEY="broken"))  # needs no settings
     second = mailer(tmp_path, "secret")
@@ -334,10 +336,7 @@ def test_concurrent_webhooks_are_limited(webhook_app: Any) -> None:
 
 
 def _signed(payload: bytes, at: int) -> str:
-    signature = stripe.WebhookSignature._compute_signature(
-        f"{at}.{payload.decode()}", WEBHOOK_SECRET
-    )
-    return f"t={at},v1={signature}"
+    return signature(payload, WEBHOOK_SECRET, at=at)
 
 
 def _stripe(engine: Engine, payload: bytes, header: str) -> int:
@@ -482,6 +481,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_bad_output_paths_fail_before_the_database_changes(db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert mailer(tmp_path, "db", "upgrade", **env).returncode == 0
@@ -568,6 +568,7 @@ def test_an_oversize_field_over_many_lines_rejects_one_row_and_the_reader_keeps_
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_a_post_over_the_size_limit_is_refused_at_once(tmp_path: Path, db_url: str) -> None:
     path = tmp_path / "huge.md"
     path.write_text(POST + "word " * (2 * 1024 * 1024 // 5))

@@ -265,6 +265,14 @@ def test_auth(pipelining: bool) -> None:
     assert sent.state == "sent"
 
 
+# A connection given up mid-handshake sometimes leaves its socket for the garbage collector to
+# close (aiosmtplib closes its transport, the loop ends first): reported, but not our fault.
+LEFT_TO_GC = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@LEFT_TO_GC
 @pytest.mark.parametrize("mode", ["starttls", "implicit_tls"])
 def test_tls(mode: str) -> None:
     with serve(**{mode: True}) as server:  # type: ignore[arg-type]
@@ -275,6 +283,7 @@ def test_tls(mode: str) -> None:
     assert outcome.state == "sent"  # the STARTTLS server refuses MAIL FROM before STARTTLS
 
 
+@LEFT_TO_GC
 def test_starttls_required_but_not_offered_is_a_configuration_error() -> None:
     with serve() as server, pytest.raises(PermanentDeliveryError, match="STARTTLS"):
         send_each(server.settings(starttls=True), ["a@example.org"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import sqlite_only
 from helpers import assert_one_error_line, mailer
 from sqlalchemy import Engine, update
 from typer.testing import CliRunner
@@ -258,6 +259,7 @@ def test_cli_json_table_and_html(
 
 
 @pytest.mark.subprocess
+@sqlite_only
 def test_cli_errors_name_what_is_wrong(sent: Sent, db_url: str, tmp_path: Path) -> None:
     env = {"MAILER_DATABASE_URL": db_url}
     assert_one_error_line(mailer(tmp_path, "stats", "no-such-post", **env), "'no-such-post'")
