@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import add_post, add_send
 from sqlalchemy import Engine, func, select
 from typer.testing import CliRunner
 
@@ -25,8 +26,6 @@ from mailer.db.models import (
     BillingCustomerRow,
     BillingEventRow,
     Classification,
-    PostRow,
-    SendRow,
     SubscriberEventRow,
     TrackingEventRow,
     TrackingKind,
@@ -145,14 +144,8 @@ class World:
 @pytest.fixture
 def world(engine: Engine) -> World:
     with db.session(engine) as s:
-        post = PostRow(slug="p", title="P", audience="everyone", body="b", source="p.md")
-        s.add(post)
-        s.flush()
-        send_a, send_b = (
-            SendRow(post_id=post.id, segment="all"),
-            SendRow(post_id=post.id, segment="all"),
-        )
-        s.add_all([send_a, send_b])
+        post = add_post(s)
+        send_a, send_b = add_send(s, post), add_send(s, post)
         ann = subscribers.add(s, "ann@example.com")
         bob = subscribers.add(s, "bob@example.com")
         s.flush()

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import running
+from helpers import add_send, running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
@@ -26,7 +26,6 @@ from sqlalchemy import Engine
 from mailer import db, segments
 from mailer.billing.testing import signature
 from mailer.billing.webhook import handle_stripe
-from mailer.db.models import PostRow, SendRow
 from mailer.errors import MailerError
 from mailer.posts import parse_post
 from mailer.subscribers import import_csv, manage
@@ -195,11 +194,7 @@ stripe_like = st.fixed_dictionaries(
 def tracker(engine: Engine) -> Iterator[tuple[httpx.Client, dict[Kind, str]]]:
     """A served tracker, and a real token of each kind for one reader of one send."""
     with db.session(engine) as session:
-        post = PostRow(slug="p", title="P", audience="everyone", body="b", source="p.md")
-        session.add(post)
-        session.flush()
-        send = SendRow(post_id=post.id, segment="all", status="done")
-        session.add(send)
+        send = add_send(session, status="done")
         reader = manage.add(session, "ann@example.com")
         session.flush()
         tokens = {kind: SIGNER.sign(Token(kind, send.id, reader.id)) for kind in Kind}

@@ -20,7 +20,16 @@ from typing import get_args
 
 import pytest
 from conftest import sqlite_only
-from helpers import BIN, assert_one_error_line, dev_env, free_port, mailer
+from helpers import (
+    BIN,
+    add_post,
+    add_send,
+    assert_one_error_line,
+    dev_env,
+    free_port,
+    ledger_row,
+    mailer,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
@@ -32,8 +41,6 @@ from mailer.db.models import (
     DeliveryRow,
     InboundMessageRow,
     InboundOutcome,
-    PostRow,
-    SendRow,
     SubscriberEventRow,
     SubscriberRow,
     TrackingEventRow,
@@ -187,26 +194,12 @@ def ledger(engine: Engine) -> Ledger:
     published = [a for _, addresses, _ in FLUFL for a in addresses]
     published += [a for _, _, a in SAMPLES if a]
     with db.session(engine) as s:
-        post = PostRow(slug="harbour", title="Harbour", audience="everyone", body="b", source="p")
-        s.add(post)
-        s.flush()
-        send = SendRow(post_id=post.id, segment="all", status="done", started_at=NOW)
-        s.add(send)
-        s.flush()
+        send = add_send(s, add_post(s, "harbour"), status="done", started_at=NOW)
         readers = {}
         for address in dict.fromkeys(a.lower() for a in READERS + published):
             reader = subscribers.add(s, address).id
             readers[address] = reader
-            s.add(
-                DeliveryRow(
-                    send_id=send.id,
-                    subscriber_id=reader,
-                    variant="free",
-                    batch_no=0,
-                    state="sent",
-                    message_id=f"<sample.{send.id}.{reader}@example.com>",
-                )
-            )
+            ledger_row(s, send.id, reader, message_id=f"<sample.{send.id}.{reader}@example.com>")
         return Ledger(engine, send.id, readers)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sqlite_only
-from helpers import assert_one_error_line, mailer
+from helpers import add_post, add_send, assert_one_error_line, ledger_row, mailer
 from sqlalchemy import Engine, update
 from typer.testing import CliRunner
 
@@ -20,8 +20,6 @@ from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
     DeliveryState,
-    PostRow,
-    SendRow,
     SendVariantRow,
     TrackingEventRow,
     Variant,
@@ -84,14 +82,10 @@ class Sent:
 @pytest.fixture
 def sent(engine: Engine) -> Sent:
     with db.session(engine) as s:
-        post = PostRow(slug="harbour", title="Harbour", audience="paid", body="b", source="p.md")
-        s.add(post)
-        s.flush()
-        older = SendRow(post_id=post.id, segment="all", status="done", started_at=START)
-        send = SendRow(post_id=post.id, segment="all", status="done", started_at=START)
-        test = SendRow(post_id=post.id, segment="all", is_test=True)
-        s.add_all([older, send, test])
-        s.flush()
+        post = add_post(s, "harbour", audience="paid")
+        older = add_send(s, post, status="done", started_at=START)
+        send = add_send(s, post, status="done", started_at=START)
+        test = add_send(s, post, is_test=True)
         for variant in ("free", "paid"):
             s.add(
                 SendVariantRow(
@@ -107,16 +101,14 @@ def sent(engine: Engine) -> Sent:
         for n, (variant, state, reply, events) in enumerate(READERS):
             reader = subscribers.add(s, f"r{n}@example.com").id
             readers.append(reader)
-            s.add(
-                DeliveryRow(
-                    send_id=send.id,
-                    subscriber_id=reader,
-                    variant=variant,
-                    batch_no=0,
-                    state=state,
-                    last_reply=reply,
-                    bounced=reply == HARD_BOUNCE,
-                )
+            ledger_row(
+                s,
+                send.id,
+                reader,
+                variant=variant,
+                state=state,
+                last_reply=reply,
+                bounced=reply == HARD_BOUNCE,
             )
             for kind, classification, minutes in events:
                 s.add(
@@ -215,8 +207,7 @@ def test_slugs_name_the_latest_send_that_is_no_test(sent: Sent) -> None:
             resolve(s, "nope")
         with pytest.raises(NotFoundError, match="'424242'"):
             resolve(s, "424242")
-        s.add(PostRow(slug="draft", title="Draft", audience="everyone", body="b", source="d.md"))
-        s.flush()
+        add_post(s, "draft")
         with pytest.raises(NotFoundError, match="'draft' has not been sent"):
             resolve(s, "draft")
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from conftest import REDIS_URL
-from helpers import CHROME, dev_env, free_port, running
+from helpers import CHROME, add_send, dev_env, free_port, ledger_row, running
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_servers import wait_until
 from sqlalchemy import Engine, create_engine, func, make_url, select
@@ -30,10 +30,7 @@ from starlette.types import ASGIApp
 
 from mailer import db, heartbeat
 from mailer.db.models import (
-    DeliveryRow,
     LinkRow,
-    PostRow,
-    SendRow,
     SubscriberEventRow,
     SubscriberRow,
     TrackingEventRow,
@@ -102,28 +99,14 @@ def world(engine: Engine, db_url: str, redis_db: redis.Redis) -> World:
     sent = {"ann": now - dt.timedelta(minutes=1), "bob": now - dt.timedelta(minutes=1)}
     sent |= {"early": now, "gone": now - dt.timedelta(minutes=1)}
     with db.session(engine) as session:
-        post = PostRow(slug="p", title="P", audience="everyone", body="b", source="p.md")
-        session.add(post)
-        session.flush()
-        send = SendRow(post_id=post.id, segment="all", status="done")
-        session.add(send)
-        session.flush()
+        send = add_send(session, status="done")
         session.add_all([LinkRow(send_id=send.id, link_no=0, url=ARTICLE)])
         session.add_all([LinkRow(send_id=send.id, link_no=1, url=SUBSCRIBE)])
         readers = {}
         for name, at in sent.items():
             reader = manage.add(session, f"{name}@example.com")
             readers[name] = reader.id
-            session.add(
-                DeliveryRow(
-                    send_id=send.id,
-                    subscriber_id=reader.id,
-                    variant="free",
-                    batch_no=0,
-                    state="sent",
-                    sent_at=at,
-                )
-            )
+            ledger_row(session, send.id, reader.id, sent_at=at)
         send_id = send.id
     return World(engine, db_url, send_id, readers)
 
