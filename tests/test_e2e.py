@@ -115,14 +115,15 @@ def test_send_track_convert_and_count(engine: Engine, db_url: str, tmp_path: Pat
             update(DeliveryRow).values(sent_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
         )
 
-    tracker = subprocess.Popen(
-        [str(BIN / "mailer"), "tracker", "serve", "--port", str(port)],
-        env=base,
-        cwd=tmp_path,
-        stdout=(tmp_path / "tracker.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with (tmp_path / "tracker.log").open("ab") as log:  # the tracker keeps a copy open
+        tracker = subprocess.Popen(
+            [str(BIN / "mailer"), "tracker", "serve", "--port", str(port)],
+            env=base,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until(lambda: _answers(tracker_url), timeout=30)
         with httpx.Client(timeout=10) as http:

@@ -338,7 +338,7 @@ def test_process_reads_eml_maildir_and_mbox_once(
     mbox = mailbox.mbox(tmp_path / "bounces.mbox", create=True)
     for name, _, _ in FLUFL[25:]:
         mbox.add((DATA / "flufl" / name).read_bytes())
-    mbox.flush()
+    mbox.close()  # written out and closed
     eml = tmp_path / "eml"
     eml.mkdir()
     for name, _, _ in SAMPLES:
