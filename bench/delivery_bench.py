@@ -366,19 +366,17 @@ def whole_send(engine: Engine, env: dict[str, str], folder: Path, sink: Sink) ->
 
 
 def plan_and_run(
-    engine: Engine, env: dict[str, str], folder: Path, composition: Composition, sink: Sink
+    engine: Engine, env: dict[str, str], folder: Path, draft: sends.Draft, sink: Sink
 ) -> tuple[float, float]:
     """Plan a send to every reader (seconds), then the workers' peak RSS over a few batches."""
     start = time.perf_counter()
     with db.session(engine) as session:
-        send_id = sends.create(
-            session, SLUG, "all", composition, batch_size=int(env["MAILER_BATCH_SIZE"])
-        )
-        batches = sends.start(session, send_id)
+        planned = sends.plan(session, draft, batch_size=int(env["MAILER_BATCH_SIZE"]))
     plan_s = time.perf_counter() - start
+    send_id = planned.send_id
     with celery_workers(env, folder) as workers, Celery(broker=env["MAILER_BROKER_URL"]) as app:
         received_before = sink.received()
-        for batch_no in batches:
+        for batch_no in planned.batches:
             app.send_task("mailer.deliver_batch", (send_id, batch_no))
         # Two batches per process: each has made its runtime and run whole batches.
         enough = 2 * int(env["MAILER_BATCH_SIZE"]) * WORKERS * PROCESSES
@@ -431,7 +429,9 @@ def main() -> list[Row]:
         start = time.perf_counter()
         load_subscribers(engine, RECIPIENTS + 1, PLANNED - RECIPIENTS)
         load_s = time.perf_counter() - start
-        plan_s, planned_rss = plan_and_run(engine, envs[0], folder, composition, sink)
+        with db.session(engine) as session:
+            draft = sends.draft(session, post, "all", Publication.from_settings(settings))
+        plan_s, planned_rss = plan_and_run(engine, envs[0], folder, draft, sink)
 
     html = len(composition.paid.html.encode())
     rows: list[Row] = [
@@ -474,7 +474,7 @@ def main() -> list[Row]:
     return [
         *rows,
         (
-            f"plan {PLANNED:,} readers: sends.create + start (s)",
+            f"plan {PLANNED:,} readers: sends.plan (s)",
             plan_s,
             f"target <= 20; batches of {SENDS[0][1]}; {PLANNED - RECIPIENTS:,} more readers "
             f"loaded by COPY in {load_s:.0f} s",

@@ -30,7 +30,7 @@ from sqlalchemy import func, select, update
 from bench.databases import postgres_database, redis_server
 from bench.processes import accepts, dev_env, free_port, stop, wait_for
 from mailer import db, sends
-from mailer.compose import Publication, compose
+from mailer.compose import Publication
 from mailer.config import load_settings
 from mailer.db.models import DeliveryRow, SubscriberRow, TrackingEventRow
 from mailer.posts import parse_post_text
@@ -189,13 +189,8 @@ def pixel_paths(url: str, env: dict[str, str]) -> list[str]:
                 for n in range(READERS)
             )
             save_post(session, post, "tracker-bench.md")
-            send_id = sends.create(
-                session,
-                post.slug,
-                "all",
-                compose(post, Publication.from_settings(settings)),
-                batch_size=500,
-            )
+            draft = sends.draft(session, post, "all", Publication.from_settings(settings))
+            send_id = sends.plan(session, draft, batch_size=500).send_id
             # Delivered an hour ago: the opens are people's, not prefetches.
             session.execute(
                 update(DeliveryRow).values(

@@ -1,5 +1,10 @@
 """Sends: plan one, snapshot its recipients into the ledger, and move it through its states.
 
+Planning is two steps with the author's word between them: ``draft`` reads who the send
+reaches and composes it (it writes nothing), ``plan`` writes it and starts it. The batches
+``plan`` returns go to ``delivery.dispatch``. ``send_test`` mails both variants to one address,
+outside the ledger.
+
 A send's status: ``scheduled → sending → done``, with ``paused``, ``cancelled``, ``failed``
 (a configuration problem such as refused SMTP credentials stopped it) and ``missed`` (a
 scheduled send that no scheduler started in time). Every change is a compare-and-set on the
@@ -8,6 +13,7 @@ row, so two commands racing cannot, say, resume a cancelled send.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from mailer import segments
-from mailer.compose import VARIANTS, Composition
+from mailer.compose import VARIANTS, Composition, Publication, Variant, compose
+from mailer.config import Settings
 from mailer.db.models import (
     DeliveryRow,
     DeliveryState,
@@ -41,7 +48,11 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.delivery.ledger import MOVES, due, moved
+from mailer.delivery.personalise import Personaliser, Recipient
+from mailer.delivery.smtp import Outcome, SmtpPool
 from mailer.errors import InputError, NotFoundError
+from mailer.posts import Post
+from mailer.tokens import PREVIEW_SEND_ID, Signer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +130,106 @@ def audience(session: Session, segment: str) -> Audience:
     )
     free = by_tier.pop("free", 0)
     return Audience(free=free, paid=sum(by_tier.values()))
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A send before anything is written: what the author is asked to confirm."""
+
+    post: Post
+    segment: str
+    audience: Audience
+    composition: Composition
+    scheduled_at: dt.datetime | None = None
+
+    @property
+    def clipped(self) -> bool:
+        """Gmail would clip one of the variants."""
+        return any(self.composition.variant(v).clipped for v in VARIANTS)
+
+
+@dataclass(frozen=True)
+class Planned:
+    send_id: int
+    batches: tuple[int, ...]  # to dispatch now; none for a scheduled send
+
+
+def draft(
+    session: Session,
+    post: Post,
+    segment: str,
+    publication: Publication,
+    *,
+    scheduled_at: dt.datetime | None = None,
+) -> Draft:
+    """Who a send of ``post`` (a saved post) to ``segment`` reaches, and its composed variants.
+
+    Writes nothing. ``InputError`` when the segment selects no active reader.
+    """
+    reach = audience(session, segment)
+    if reach.total == 0:
+        raise InputError(f"--segment {segment!r} selects no active readers; nothing to send")
+    return Draft(post, segment, reach, compose(post, publication), scheduled_at)
+
+
+def plan(session: Session, draft: Draft, *, batch_size: int) -> Planned:
+    """Write the send (``create``) and start it unless it is scheduled for later."""
+    send_id = create(
+        session,
+        draft.post.slug,
+        draft.segment,
+        draft.composition,
+        batch_size=batch_size,
+        scheduled_at=draft.scheduled_at,
+    )
+    batches = () if draft.scheduled_at else tuple(start(session, send_id))
+    return Planned(send_id, batches)
+
+
+@dataclass(frozen=True)
+class SentTest:
+    outcomes: dict[Variant, Outcome]
+    warnings: list[str]  # the composition's, as for a real send
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state == "sent" for o in self.outcomes.values())
+
+
+def send_test(settings: Settings, post: Post, address: str) -> SentTest:
+    """Both variants to ``address``, subjects marked "[Test]", outside the ledger."""
+    composition = compose(post, Publication.from_settings(settings), subject_prefix="[Test] ")
+    from mailer.delivery.dkim import signer_from_settings  # cryptography: only where it signs
+
+    signer = Signer(settings.secret_keys)
+    dkim = signer_from_settings(settings)
+    recipient = Recipient(subscriber_id=0, email=address, name=None)
+
+    async def deliver() -> dict[Variant, Outcome]:
+        outcomes: dict[Variant, Outcome] = {}
+        async with SmtpPool(
+            settings.smtp,
+            size=1,
+            connect_timeout=settings.smtp_connect_timeout,
+            command_timeout=settings.smtp_command_timeout,
+            data_timeout=settings.smtp_data_timeout,
+        ) as pool:
+            for variant in VARIANTS:
+                personaliser = Personaliser(
+                    composition.variant(variant),
+                    send_id=PREVIEW_SEND_ID,
+                    signer=signer,
+                    tracker_url=settings.tracker_url,
+                )
+                message = personaliser.personalise(recipient)
+                outcomes[variant] = await pool.send(
+                    personaliser.envelope_sender(recipient),
+                    address,
+                    dkim.sign(message) if dkim else message,
+                )
+        return outcomes
+
+    return SentTest(asyncio.run(deliver()), composition.warnings())
 
 
 def create(

@@ -25,7 +25,7 @@ from smtp_servers import CloseAfter, DropAfterData, Message, Refuse, Slow, greyl
 from sqlalchemy import Engine, create_engine, event, select, text, update
 
 from mailer import db, sends
-from mailer.compose import Publication, compose
+from mailer.compose import Publication
 from mailer.config import Settings, load_settings
 from mailer.db.models import (
     DeliveryRow,
@@ -83,12 +83,8 @@ class Setup:
         with db.session(self.engine) as session:
             post = parse_post_text(POST, "post.md")
             save_post(session, post, source="post.md")
-            composition = compose(post, Publication.from_settings(settings))
-            send_id = sends.create(
-                session, post.slug, segment, composition, batch_size=settings.batch_size
-            )
-            sends.start(session, send_id)
-        return send_id
+            draft = sends.draft(session, post, segment, Publication.from_settings(settings))
+            return sends.plan(session, draft, batch_size=settings.batch_size).send_id
 
     def deliver(self, settings: Settings, send_id: int) -> None:
         runtime = Runtime(settings, engine=self.engine)

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, update
 from workers import Processes, RedisServer, add_readers, environment, start_beat, start_worker
 
 from mailer import db, sends
-from mailer.compose import Publication, compose
+from mailer.compose import Publication
 from mailer.config import load_settings
 from mailer.db.models import SendRow, SubscriberRow, utcnow
 from mailer.errors import InputError
@@ -41,8 +41,9 @@ def scheduled(engine: Engine, at: dt.datetime) -> int:
     settings = load_settings(DEV, env_file=None)
     with db.session(engine) as session:
         post = parse_post_text("---\ntitle: On Time\n---\n\nHello.\n", "post.md")
-        composition = compose(post, Publication.from_settings(settings))
-        return sends.create(session, "on-time", "all", composition, batch_size=10, scheduled_at=at)
+        publication = Publication.from_settings(settings)
+        draft = sends.draft(session, post, "all", publication, scheduled_at=at)
+        return sends.plan(session, draft, batch_size=10).send_id
 
 
 def start_due(engine: Engine) -> dict[int, list[int]]:

@@ -1,5 +1,8 @@
 """Tasks: thin wrappers that take ids, re-read state and call the library.
 
+This module is also what the library's dispatch knows of the workers (``enqueue`` and ``answering``:
+``mailer.delivery.dispatch.Workers``), found through the ``mailer.workers`` entry point.
+
 Each worker process keeps one ``Runtime`` (database engine, event loop, SMTP pool, throttle)
 across tasks, so SMTP connections are reused from batch to batch. When a batch runs again is
 ``runner.next_run``'s answer: an interrupted batch is retried (Celery counts the retries, which
@@ -17,12 +20,14 @@ from typing import Any, ClassVar
 import redis
 from celery import Task, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
+from kombu.exceptions import OperationalError
 from sqlalchemy import Engine
 
 from mailer import db, sends
 from mailer.config import load_settings
 from mailer.delivery.runner import Runtime, next_run
 from mailer.delivery.throttle import LocalThrottle, RedisThrottle, Throttle
+from mailer.tracking.ingest import BrokerError
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -168,6 +173,15 @@ def enqueue(engine: Engine, send_id: int, batches: Iterable[int]) -> None:
     for batch_no in batches:
         label = f"send {send_id} ({slug}), batch {batch_no + 1} of {total}"
         deliver_batch.apply_async((send_id, batch_no), argsrepr=label)
+
+
+def answering(timeout: float) -> list[str]:
+    """The names of the workers that answered within ``timeout`` seconds."""
+    try:
+        answers = app.control.ping(timeout=timeout)
+    except OperationalError as exc:  # no broker to ask through
+        raise BrokerError(f"cannot ask the workers: {exc}") from None
+    return sorted(name for answer in answers for name in answer)
 
 
 class Reconciler(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -89,17 +89,16 @@ def _smtp(config: Settings) -> str:
 
 
 def _worker(config: Settings) -> str:
-    from kombu.exceptions import OperationalError
-
-    from worker.app import app as celery
+    from mailer.delivery.dispatch import find_workers
+    from mailer.tracking.ingest import BrokerError
 
     try:
-        answers = celery.control.ping(timeout=2.0)
-    except OperationalError as exc:  # no broker to ask through
-        raise _Failed(f"cannot ask the workers: {exc}; see the broker check") from None
-    if not answers:
+        names = find_workers().answering(timeout=2.0)
+    except BrokerError as exc:
+        raise _Failed(f"{exc}; see the broker check") from None
+    if not names:
         raise _Failed("no worker answered a ping; start one: `celery -A worker.app worker`")
-    return f"{len(answers)} worker(s) answered: " + ", ".join(sorted(n for a in answers for n in a))
+    return f"{len(names)} worker(s) answered: " + ", ".join(names)
 
 
 def _beat(config: Settings) -> str:

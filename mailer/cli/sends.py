@@ -7,7 +7,7 @@ import datetime as dt
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import typer
@@ -17,14 +17,13 @@ from sqlalchemy.orm import Session
 
 from mailer import db, sends
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
-from mailer.compose import VARIANTS, Publication, compose
+from mailer.compose import Publication
 from mailer.config import Settings
-from mailer.delivery.personalise import Personaliser, Recipient
-from mailer.delivery.smtp import SmtpPool, probe
+from mailer.delivery.dispatch import broker_answers, dispatch, find_workers
+from mailer.delivery.smtp import probe
 from mailer.errors import InputError
 from mailer.posts import Post
 from mailer.posts.store import get_post
-from mailer.tokens import PREVIEW_SEND_ID, Signer
 from mailer.when import parse_time
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
@@ -66,32 +65,24 @@ def send(
         raise InputError("--segment is required (use --segment all for every active reader)")
     scheduled_at = _when(at, config) if at is not None else None
     with db.session(engine()) as session:
-        reach = sends.audience(session, segment)
-    if reach.total == 0:
-        raise InputError(f"--segment {segment!r} selects no active readers; nothing to send")
+        draft = sends.draft(
+            session, post, segment, Publication.from_settings(config), scheduled_at=scheduled_at
+        )
+    reach = draft.audience
     _err.print(
         f"{post.title!r} to {segment!r}: {reach.total} readers "
         f"({reach.free} get the free variant, {reach.paid} the paid one)"
         + (f", at {scheduled_at.isoformat()}" if scheduled_at else "")
     )
-    composition = compose(post, Publication.from_settings(config))
-    warn(composition.warnings())
-    clipped = any(composition.variant(v).clipped for v in VARIANTS)
-    _confirm("Gmail will clip it. Send it anyway?" if clipped else "Send it?", yes)
+    warn(draft.composition.warnings())
+    _confirm("Gmail will clip it. Send it anyway?" if draft.clipped else "Send it?", yes)
     asyncio.run(probe(config.smtp, config.smtp_connect_timeout))
     with db.session(engine()) as session:
-        send_id = sends.create(
-            session,
-            slug,
-            segment,
-            composition,
-            batch_size=config.batch_size,
-            scheduled_at=scheduled_at,
-        )
-        batches = [] if scheduled_at else sends.start(session, send_id)
+        planned = sends.plan(session, draft, batch_size=config.batch_size)
+    send_id = planned.send_id
     _err.print(f"send {send_id} created")
-    if batches:
-        _dispatch(config, send_id, batches, show_progress=wait or not as_json)
+    if planned.batches:
+        _dispatch(config, send_id, planned.batches, show_progress=wait or not as_json)
     if wait and scheduled_at:
         _wait_for_its_time(config, send_id, scheduled_at)
     if wait:
@@ -124,7 +115,7 @@ def _when(at: str, config: Settings) -> dt.datetime:
 
 def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
     """``--at`` with ``--wait``: beat starts it (with a broker); without one, this command."""
-    if _broker_answers(config.broker_url):
+    if broker_answers(config.broker_url):
         _err.print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
         return
     _err.print(f"send {send_id} is scheduled for {at.isoformat()}: waiting here to send it")
@@ -135,82 +126,35 @@ def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
 
 
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
-    """Both variants to one address, marked "[Test]", outside the ledger."""
-    composition = compose(post, Publication.from_settings(config), subject_prefix="[Test] ")
-    warn(composition.warnings())
-    from mailer.delivery.dkim import signer_from_settings
-
-    signer = Signer(config.secret_keys)
-    dkim = signer_from_settings(config)
-    recipient = Recipient(subscriber_id=0, email=address, name=None)
-
-    async def deliver() -> dict[str, str]:
-        outcomes: dict[str, str] = {}
-        async with SmtpPool(
-            config.smtp,
-            size=1,
-            connect_timeout=config.smtp_connect_timeout,
-            command_timeout=config.smtp_command_timeout,
-            data_timeout=config.smtp_data_timeout,
-        ) as pool:
-            for variant in VARIANTS:
-                personaliser = Personaliser(
-                    composition.variant(variant),
-                    send_id=PREVIEW_SEND_ID,
-                    signer=signer,
-                    tracker_url=config.tracker_url,
-                )
-                message = personaliser.personalise(recipient)
-                outcome = await pool.send(
-                    personaliser.envelope_sender(recipient),
-                    address,
-                    dkim.sign(message) if dkim else message,
-                )
-                outcomes[variant] = f"{outcome.state}: {outcome.code or ''} {outcome.reply}"
-        return outcomes
-
-    outcomes = asyncio.run(deliver())
+    sent = sends.send_test(config, post, address)
+    warn(sent.warnings)
+    outcomes = {v: f"{o.state}: {o.code or ''} {o.reply}" for v, o in sent.outcomes.items()}
     if as_json:
         print_json({"test_to": address, "variants": outcomes})
     else:
         for variant, outcome in outcomes.items():
             typer.echo(f"{variant}: {outcome}")
-    if any(not o.startswith("sent") for o in outcomes.values()):
+    if not sent.ok:
         raise typer.Exit(EXIT_FAILED_RECIPIENTS)
 
 
-def _broker_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except (redis.RedisError, OSError, ValueError):
-        return False
-
-
-def _dispatch(config: Settings, send_id: int, batches: list[int], *, show_progress: bool) -> None:
-    """Hand the batches to Celery workers, or deliver them here when there is no broker."""
-    if _broker_answers(config.broker_url):
-        from worker.app import app as celery
-        from worker.tasks import enqueue
-
-        enqueue(engine(), send_id, batches)
-        _err.print(f"{len(batches)} batches queued on {db.shown(config.broker_url)}")
-        if not celery.control.ping(timeout=1.0):
-            _err.print("[yellow]no worker answered: batches wait until one starts[/]")
-        return
-    # Here, not at the top: with a broker, the command does without the delivery machinery.
-    from mailer.delivery.runner import Runtime, run_inline
-
-    _err.print(f"no broker at {db.shown(config.broker_url)}: delivering in this process")
-    runtime = Runtime(config, engine=db.connect(config.database_url))
-    try:
-        progress = _Progress(send_id) if show_progress else None
-        run_inline(runtime, send_id, progress=progress.update if progress else lambda: None)
-        if progress:
-            progress.close()
-    finally:
-        runtime.close()
+def _dispatch(
+    config: Settings, send_id: int, batches: Sequence[int], *, show_progress: bool
+) -> None:
+    """Hand the batches to the workers, or deliver them here when there is no broker."""
+    progress = _Progress(send_id) if show_progress else None
+    where = dispatch(
+        config,
+        send_id,
+        batches,
+        enqueue=lambda send_id, batches: find_workers().enqueue(engine(), send_id, batches),
+        progress=progress.update if progress else lambda: None,
+        notice=_err.print,
+    )
+    if where == "queued" and not find_workers().answering(timeout=1.0):
+        _err.print("[yellow]no worker answered: batches wait until one starts[/]")
+    elif progress:
+        progress.close()
 
 
 class _Progress:
@@ -233,9 +177,9 @@ class _Progress:
             "", total=None, send=send_id, sent=0, deferred=0, failed=0, rate=0
         )
         self.started = time.monotonic()
-        self.bar.start()
 
     def update(self) -> None:
+        self.bar.start()  # at the first count, not before: a send handed to workers has none
         with db.session(engine()) as session:
             info = sends.show(session, self.send_id)
         c = info.counts
@@ -268,6 +212,8 @@ def _wait(send_id: int) -> None:
     # Off a terminal the bar is only drawn when it stops: no counts to read until then.
     every = _COUNTS_EVERY_S if _err.is_terminal else math.inf
     counted = time.monotonic()
+    if _err.is_terminal:
+        progress.update()  # the bar from the start, not after the first interval
     try:
         while _status(send_id) not in _TERMINAL:
             time.sleep(_POLL_S)
