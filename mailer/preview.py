@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from mailer.compose import Composition, Variant, mime
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.tokens import PREVIEW_SEND_ID, Signer
+
+if TYPE_CHECKING:
+    from mailer.compose import Composition, Variant
 
 Format = Literal["html", "text", "eml"]
 SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")
@@ -22,6 +24,10 @@ def render_preview(
     reader: Recipient = SAMPLE_READER,
 ) -> bytes:
     """The bytes of the preview: the whole message for ``eml``, else the decoded part."""
+    # Here: SAMPLE_READER is the `mailer preview` options' default, shown by --help, which
+    # must not load mailer.compose (premailer).
+    from mailer.compose import mime
+
     personaliser = Personaliser(
         composition.variant(variant),
         send_id=PREVIEW_SEND_ID,

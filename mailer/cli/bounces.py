@@ -14,7 +14,6 @@ import typer
 
 from mailer.cli.common import JsonFlag, engine, print_json, settings
 from mailer.errors import InputError
-from mailer.inbound import Policy, Tally, handle
 from mailer.logs import JsonFormatter
 
 app = typer.Typer(
@@ -29,7 +28,8 @@ def serve(
 ) -> None:
     """An SMTP server for the VERP return path, the unsubscribe and the feedback address;
     every other recipient is refused with 550. Runs until SIGTERM or Ctrl-C."""
-    from mailer.inbound.server import serve as serve_smtp  # aiosmtpd: only loaded here
+    from mailer.inbound import Policy
+    from mailer.inbound.server import serve as serve_smtp
 
     config = settings()
     policy = Policy.from_settings(config)
@@ -59,6 +59,7 @@ def process(
 ) -> None:
     """Read bounces, complaints and unsubscribes from files; each message counts once, however
     often it is read. Every path is checked before any message is handled."""
+    from mailer.inbound import Policy, Tally, handle
     from mailer.inbound.sources import read
 
     items = read(paths)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from contextvars import ContextVar
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from sqlalchemy import Engine
 
-from mailer import db
 from mailer.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")
@@ -40,13 +41,15 @@ def settings() -> Settings:
 
 def engine() -> Engine:
     """The configured database, checked to be reachable and migrated."""
+    from mailer import db
+
     ctx = _invocation.get()
     if _ENGINE not in ctx.meta:
         new = db.connect(settings().database_url)
         ctx.call_on_close(new.dispose)
         db.check(new)
         ctx.meta[_ENGINE] = new
-    return cast(Engine, ctx.meta[_ENGINE])
+    return cast("Engine", ctx.meta[_ENGINE])
 
 
 def warn(lines: list[str]) -> None:

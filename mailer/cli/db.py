@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from mailer import db
 from mailer.cli.common import settings
 
 app = typer.Typer(name="db", help="Create and migrate the database schema.", no_args_is_help=True)
@@ -15,6 +14,8 @@ app = typer.Typer(name="db", help="Create and migrate the database schema.", no_
 @app.command()
 def upgrade() -> None:
     """Create the database or migrate it to the newest schema; safe to run again."""
+    from mailer import db
+
     url = settings().database_url
     db.upgrade(url)
     typer.echo(f"database at {db.shown(url)} is up to date")
@@ -25,5 +26,7 @@ def revision(
     message: Annotated[str, typer.Argument(help="What the migration changes, in a few words.")],
 ) -> None:
     """For developers: write a migration for the model changes since the newest one."""
+    from mailer import db
+
     path = db.revision(settings().database_url, message)
     typer.echo(f"wrote {path}; review it before committing")

@@ -8,10 +8,6 @@ from typing import Annotated
 import typer
 
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
-from mailer.compose import Publication, compose
-from mailer.db import session
-from mailer.posts import parse_post
-from mailer.posts.store import list_posts, save_post
 
 app = typer.Typer(name="posts", help="Add and list posts.", no_args_is_help=True)
 
@@ -26,6 +22,11 @@ def add(
     """Add a post, or replace the post with the same slug.
 
     Warns about markup the raw HTML policy removes and variants Gmail would clip."""
+    from mailer.compose import Publication, compose
+    from mailer.db import session
+    from mailer.posts import parse_post
+    from mailer.posts.store import save_post
+
     config = settings()  # a bad setting is reported before the file
     post = parse_post(file, config.post_max_size)
     warn(compose(post, Publication.from_settings(config)).warnings())
@@ -40,6 +41,9 @@ def add(
 @app.command("list")
 def list_(as_json: JsonFlag = False) -> None:
     """List posts, newest first."""
+    from mailer.db import session
+    from mailer.posts.store import list_posts
+
     with session(engine()) as s:
         posts = list_posts(s)
     if as_json:

@@ -12,12 +12,8 @@ from typing import Annotated
 import typer
 
 from mailer.cli.common import engine, settings, warn
-from mailer.compose import Publication, compose
-from mailer.db import session
 from mailer.errors import InputError
-from mailer.posts.store import get_post
-from mailer.preview import SAMPLE_READER, render_preview
-from mailer.tokens import Signer
+from mailer.preview import SAMPLE_READER
 
 
 class VariantChoice(StrEnum):
@@ -46,6 +42,12 @@ def preview(
     to: Annotated[str, typer.Option(help="Sample reader's address.")] = SAMPLE_READER.email,
 ) -> None:
     """Render one variant of a post, personalised for a sample reader."""
+    from mailer.compose import Publication, compose
+    from mailer.db import session
+    from mailer.posts.store import get_post
+    from mailer.preview import render_preview
+    from mailer.tokens import Signer
+
     config = settings()
     with session(engine()) as s:
         post = get_post(s, slug)

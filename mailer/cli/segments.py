@@ -8,9 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mailer import segments
 from mailer.cli.common import JsonFlag, engine, print_json
-from mailer.db import session
 from mailer.errors import SegmentError
 
 app = typer.Typer(
@@ -51,6 +49,9 @@ def pointing_at(expr: str) -> Iterator[None]:
 @app.command()
 def count(expr: Expression, as_json: JsonFlag = False) -> None:
     """Count the active readers an expression selects."""
+    from mailer import segments
+    from mailer.db import session
+
     with pointing_at(expr), session(engine()) as s:
         n = segments.count(s, expr)
     if as_json:
@@ -62,6 +63,9 @@ def count(expr: Expression, as_json: JsonFlag = False) -> None:
 @app.command()
 def save(name: Name, expr: Expression) -> None:
     """Save an expression under a name, or replace the one saved under it; use it as @NAME."""
+    from mailer import segments
+    from mailer.db import session
+
     with pointing_at(expr), session(engine()) as s:
         saved = segments.save(s, name, expr)
         n = segments.count(s, expr)
@@ -71,6 +75,9 @@ def save(name: Name, expr: Expression) -> None:
 @app.command("list")
 def list_(as_json: JsonFlag = False) -> None:
     """List saved segments by name."""
+    from mailer import segments
+    from mailer.db import session
+
     with session(engine()) as s:
         saved = segments.list_saved(s)
     if as_json:
@@ -94,6 +101,9 @@ def list_(as_json: JsonFlag = False) -> None:
 @app.command()
 def show(name: Name, as_json: JsonFlag = False) -> None:
     """Show a saved segment: its expression, how many active readers it selects, a sample."""
+    from mailer import segments
+    from mailer.db import session
+
     with session(engine()) as s:
         saved = segments.get_saved(s, name)
         with pointing_at(saved.expression):

@@ -8,23 +8,21 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from sqlalchemy.orm import Session
 
-from mailer import db, sends
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
-from mailer.compose import Publication
 from mailer.config import Settings
-from mailer.delivery.dispatch import broker_answers, dispatch, find_workers
-from mailer.delivery.smtp import probe
 from mailer.errors import InputError
-from mailer.posts import Post
-from mailer.posts.store import get_post
 from mailer.when import parse_time
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from mailer.posts import Post
+    from mailer.sends import SendInfo
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
 EXIT_FAILED_RECIPIENTS = 3
@@ -52,8 +50,13 @@ def send(
     as_json: JsonFlag = False,
 ) -> None:
     """Send a post to every active reader in a segment, each exactly once."""
+    from mailer import db, sends
+    from mailer.compose import Publication
+    from mailer.delivery.dkim import signer_from_settings
+    from mailer.delivery.smtp import probe
+    from mailer.posts.store import get_post
+
     config = settings()
-    from mailer.delivery.dkim import signer_from_settings  # cryptography: only where it signs
 
     signer_from_settings(config)  # a bad DKIM key stops here, before anything, not in a batch
     with db.session(engine()) as session:
@@ -115,6 +118,9 @@ def _when(at: str, config: Settings) -> dt.datetime:
 
 def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
     """``--at`` with ``--wait``: beat starts it (with a broker); without one, this command."""
+    from mailer import db, sends
+    from mailer.delivery.dispatch import broker_answers
+
     if broker_answers(config.broker_url):
         _err.print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
         return
@@ -126,6 +132,8 @@ def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
 
 
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
+    from mailer import sends
+
     sent = sends.send_test(config, post, address)
     warn(sent.warnings)
     outcomes = {v: f"{o.state}: {o.code or ''} {o.reply}" for v, o in sent.outcomes.items()}
@@ -142,6 +150,8 @@ def _dispatch(
     config: Settings, send_id: int, batches: Sequence[int], *, show_progress: bool
 ) -> None:
     """Hand the batches to the workers, or deliver them here when there is no broker."""
+    from mailer.delivery.dispatch import dispatch, find_workers
+
     progress = _Progress(send_id) if show_progress else None
     where = dispatch(
         config,
@@ -161,6 +171,8 @@ class _Progress:
     """Sent, deferred, failed, rate and ETA on stderr, read from the ledger."""
 
     def __init__(self, send_id: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
         self.send_id = send_id
         self.bar = Progress(
             TextColumn("send {task.fields[send]}"),
@@ -179,6 +191,8 @@ class _Progress:
         self.started = time.monotonic()
 
     def update(self) -> None:
+        from mailer import db, sends
+
         self.bar.start()  # at the first count, not before: a send handed to workers has none
         with db.session(engine()) as session:
             info = sends.show(session, self.send_id)
@@ -225,6 +239,8 @@ def _wait(send_id: int) -> None:
 
 
 def _status(send_id: int) -> str:
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         return sends.status(session, send_id)
 
@@ -232,6 +248,8 @@ def _status(send_id: int) -> str:
 @app.command("list")
 def list_(as_json: JsonFlag = False) -> None:
     """The latest sends, newest first."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         found = sends.list_sends(session)
     if as_json:
@@ -246,7 +264,7 @@ def list_(as_json: JsonFlag = False) -> None:
         )
 
 
-def _moment(info: sends.SendInfo) -> str:
+def _moment(info: SendInfo) -> str:
     """The time that matters for the send's status, for one column of ``sends list``."""
     if info.status in ("scheduled", "missed") and info.scheduled_at:
         return f"for {_shown(info.scheduled_at)}"
@@ -266,6 +284,8 @@ def show(
     send_id: Annotated[int, typer.Argument(help="Send id.")], as_json: JsonFlag = False
 ) -> None:
     """A send's status and its ledger counts by state and variant."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         info = sends.show(session, send_id)
     if as_json:
@@ -289,6 +309,8 @@ def show(
 @app.command()
 def pause(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Stop claiming readers; messages in flight finish. Resume sends nothing twice."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         sends.pause(session, send_id)
     typer.echo(f"send {send_id} paused")
@@ -297,6 +319,8 @@ def pause(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
 @app.command()
 def resume(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Carry on a paused (or failed) send from where it stopped."""
+    from mailer import sends
+
     _set_going(send_id, sends.resume, "resumed")
 
 
@@ -306,6 +330,8 @@ def start(
     yes: Annotated[bool, typer.Option("--yes", help="Start without asking.")] = False,
 ) -> None:
     """Send a scheduled or missed send now."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         info = sends.show(session, send_id)
     if info.status not in ("scheduled", "missed"):
@@ -320,6 +346,8 @@ def start(
 
 def _set_going(send_id: int, change: Callable[[Session, int], list[int]], done: str) -> None:
     """Move the send to ``sending`` with ``change``, then hand its batches out."""
+    from mailer import db
+
     with db.session(engine()) as session:
         batches = change(session, send_id)
     typer.echo(f"send {send_id} {done}")
@@ -332,6 +360,8 @@ def reschedule(
     at: Annotated[str, typer.Option(help="The new time: 'in 2h', ISO 8601, or a local time.")],
 ) -> None:
     """Move a send that has not started (scheduled, or missed) to another time."""
+    from mailer import db, sends
+
     config = settings()
     when = _when(at, config)
     with db.session(engine()) as session:
@@ -342,6 +372,8 @@ def reschedule(
 @app.command()
 def cancel(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Stop for good; readers not yet mailed are marked skipped."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         sends.cancel(session, send_id)
     typer.echo(f"send {send_id} cancelled")
@@ -350,6 +382,8 @@ def cancel(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
 @app.command("retry-unknown")
 def retry_unknown(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
     """Send again to readers whose message was in flight when a worker died (may duplicate)."""
+    from mailer import db, sends
+
     with db.session(engine()) as session:
         count, batches = sends.retry_unknown(session, send_id)
     typer.echo(f"send {send_id}: {count} readers queued again")

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from mailer import db
-from mailer import stats as stats_lib
 from mailer.cli.common import JsonFlag, engine, print_json
-from mailer.db.models import utcnow
 from mailer.errors import InputError
-from mailer.stats import SendStats
-from mailer.subscribers.csvfile import replacing
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from mailer.stats import Hour, SendStats
 
 
 def stats(
@@ -32,6 +30,11 @@ def stats(
     ] = None,
 ) -> None:
     """Delivery, opens (human and machine), clicks, unsubscribes, trials and conversions."""
+    from rich.console import Console
+
+    from mailer import db
+    from mailer import stats as stats_lib
+
     with db.session(engine()) as session:
         found = stats_lib.send_stats(session, stats_lib.resolve(session, send))
         hours = stats_lib.timeline(session, found.send_id) if html is not None else []
@@ -44,8 +47,10 @@ def stats(
         Console().print(_table(found))
 
 
-def _write_report(path: Path, found: SendStats, hours: list[stats_lib.Hour]) -> None:
-    from mailer.report import render_html  # Jinja2 templates: only loaded for --html
+def _write_report(path: Path, found: SendStats, hours: list[Hour]) -> None:
+    from mailer.db.models import utcnow
+    from mailer.report import render_html
+    from mailer.subscribers.csvfile import replacing
 
     if path.is_dir():
         raise InputError(f"--html {path}: is a folder; give a file name")
@@ -55,6 +60,8 @@ def _write_report(path: Path, found: SendStats, hours: list[stats_lib.Hour]) -> 
 
 
 def _table(found: SendStats) -> Table:
+    from rich.table import Table
+
     table = Table(
         title=f"send {found.send_id} · {found.slug} · {found.status}",
         caption=found.subject,

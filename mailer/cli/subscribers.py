@@ -7,17 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mailer import subscribers
-from mailer.billing.attribution import change_tier
 from mailer.cli.common import engine, print_json, settings
-from mailer.db import session
-from mailer.subscribers import Subscriber, SubscriberEvent, parse_tier, parse_when
-from mailer.subscribers.csvfile import replacing
-from mailer.subscribers.importer import Progress
+
+if TYPE_CHECKING:
+    from mailer.subscribers import Subscriber, SubscriberEvent
+    from mailer.subscribers.importer import Progress
 
 app = typer.Typer(
     name="subscribers", help="Import, export and manage readers.", no_args_is_help=True
@@ -60,6 +58,8 @@ def import_(
     row for an address wins. Nobody unsubscribed, bounced, complained or erased is made
     active again. All or nothing: a failure leaves the database as it was.
     """
+    from mailer import subscribers
+
     with _progress_bar() as progress:
         result = subscribers.import_csv(
             engine(),
@@ -125,6 +125,10 @@ def add(
     as_json: JsonFlag = False,
 ) -> None:
     """Add a reader, active; an address already there or erased is refused."""
+    from mailer import subscribers
+    from mailer.db import session
+    from mailer.subscribers import parse_tier
+
     with session(engine()) as s:
         added = subscribers.add(
             s, email, name=name, tier=parse_tier(tier), tags=tag or (), check_dns=check_dns
@@ -139,6 +143,9 @@ def add(
 @app.command()
 def show(email: Email, as_json: JsonFlag = False) -> None:
     """A reader's details, tags, attributes and latest events."""
+    from mailer import subscribers
+    from mailer.db import session
+
     with session(engine()) as s:
         reader = subscribers.get(s, email)
         events = subscribers.history(s, email)
@@ -167,6 +174,10 @@ def export(
     ] = None,
 ) -> None:
     """Export readers of any status as CSV, in the columns `import` reads back."""
+    from mailer import subscribers
+    from mailer.db import session
+    from mailer.subscribers.csvfile import replacing
+
     with session(engine()) as s:
         if out is None:
             subscribers.export_csv(s, sys.stdout, segment=segment)
@@ -189,6 +200,10 @@ def set_tier(
 
     Trial starts, conversions and cancellations count as billing milestones, as from Stripe.
     """
+    from mailer.billing.attribution import change_tier
+    from mailer.db import session
+    from mailer.subscribers import parse_tier, parse_when
+
     ends = parse_when(trial_ends, "--trial-ends") if trial_ends is not None else None
     with session(engine()) as s:
         reader = change_tier(
@@ -204,6 +219,9 @@ def set_tier(
 @app.command()
 def unsubscribe(email: Email) -> None:
     """Unsubscribe a reader: they are never mailed again, and no import re-activates them."""
+    from mailer import subscribers
+    from mailer.db import session
+
     with session(engine()) as s:
         reader = subscribers.unsubscribe(s, email)
     typer.echo(f"{reader.email} is unsubscribed")
@@ -212,6 +230,9 @@ def unsubscribe(email: Email) -> None:
 @app.command()
 def erase(email: Email) -> None:
     """Delete a reader and their personal data; only a hash stays, so they are never re-added."""
+    from mailer import subscribers
+    from mailer.db import session
+
     with session(engine()) as s:
         erased = subscribers.erase(s, email)
     typer.echo(f"erased {email.strip()}" if erased else f"{email.strip()} was erased already")
