@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailer.config import load_settings, masked
+from mailer.delivery.dispatch import broker_answers, find_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,18 +47,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def broker_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except (redis.RedisError, OSError, ValueError):
-        return False
-
-
 def wait_for_worker(timeout: float = 30.0) -> None:
-    from worker.app import app
-
     deadline = time.monotonic() + timeout
-    while not app.control.ping(timeout=1.0):
+    while not find_workers().answering(timeout=1.0):
         if time.monotonic() > deadline:
             raise SystemExit("the Celery worker did not start; see its output above")
 
