@@ -462,7 +462,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
     def bug(path: Path, max_bytes: int) -> None:
         raise RuntimeError(f"boom at postgresql://u:{PASSWORD}@db/x\n" + "SELECT 1 " * 10_000)
 
-    monkeypatch.setattr("mailer.cli.posts.parse_post", bug)
+    monkeypatch.setattr("mailer.posts.parse_post", bug)
     monkeypatch.setattr(sys, "argv", ["mailer", "posts", "add", str(post)])
     for debug in ("0", "1"):
         monkeypatch.setenv("MAILER_DEBUG", debug)
