@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mailer.compose import Composition, Variant, mime
+from mailer.compose import Composition, mime
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.tokens import PREVIEW_SEND_ID, Signer
+from mailer.vocabulary import Variant
 
 Format = Literal["html", "text", "eml"]
 SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")

@@ -27,21 +27,20 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from mailer import segments
-from mailer.compose import VARIANTS, Composition
+from mailer.compose import Composition
 from mailer.db.models import (
     DeliveryRow,
-    DeliveryState,
     LinkRow,
     PostRow,
     SendBatchRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     SubscriberRow,
     utcnow,
 )
 from mailer.delivery.ledger import MOVES, due, moved
 from mailer.errors import InputError, NotFoundError
+from mailer.vocabulary import VARIANTS, DeliveryState, SendStatus
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, fields
-from typing import Any, get_args
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -30,15 +30,13 @@ from mailer.db.models import (
     DeliveryRow,
     PostRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     TrackingEventRow,
-    Variant,
 )
 from mailer.errors import NotFoundError
 from mailer.sends import with_post
+from mailer.vocabulary import VARIANTS, SendStatus, Variant
 
-VARIANTS: tuple[Variant, ...] = get_args(Variant)
 TIMELINE_HOURS = 7 * 24  # the chart's span: nearly all opens come in the first days
 # Gmail's limit on the share of a sender's mail reported as spam: above it, mail is refused.
 COMPLAINT_LIMIT = 0.003

@@ -19,13 +19,12 @@ from mailer.cli import app
 from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
-    DeliveryState,
     SendVariantRow,
     TrackingEventRow,
-    Variant,
 )
 from mailer.errors import NotFoundError
 from mailer.stats import Counts, Hour, SendStats, resolve, send_stats, timeline
+from mailer.vocabulary import DeliveryState, Variant
 
 START = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
 KEYS = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,29 +15,19 @@ from mailer.compose import Publication, compose
 from mailer.db import session
 from mailer.errors import InputError
 from mailer.posts.store import get_post
-from mailer.preview import SAMPLE_READER, render_preview
+from mailer.preview import SAMPLE_READER, Format, render_preview
 from mailer.tokens import Signer
-
-
-class VariantChoice(StrEnum):
-    free = "free"
-    paid = "paid"
-
-
-class FormatChoice(StrEnum):
-    html = "html"
-    text = "text"
-    eml = "eml"
+from mailer.vocabulary import Variant
 
 
 def preview(
     slug: Annotated[str, typer.Argument(help="Slug of a post added with `mailer posts add`.")],
     variant: Annotated[
-        VariantChoice, typer.Option(help="Free readers' variant (paywall) or paid readers'.")
-    ] = VariantChoice.free,
+        Variant, typer.Option(help="Free readers' variant (paywall) or paid readers'.")
+    ] = "free",
     fmt: Annotated[
-        FormatChoice, typer.Option("--format", help="HTML part, text part, or the whole message.")
-    ] = FormatChoice.html,
+        Format, typer.Option("--format", help="HTML part, text part, or the whole message.")
+    ] = "html",
     out: Annotated[
         Path | None, typer.Option(help="Write here (parent folders are made) instead of stdout.")
     ] = None,
@@ -53,8 +42,8 @@ def preview(
     warn(composition.warnings())
     data = render_preview(
         composition,
-        variant.value,
-        fmt.value,
+        variant,
+        fmt,
         signer=Signer(config.secret_keys),
         tracker_url=config.tracker_url,
         reader=SAMPLE_READER.__class__(SAMPLE_READER.subscriber_id, to, name or None),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from mailer import db, sends
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
-from mailer.compose import VARIANTS, Publication, compose
+from mailer.compose import Publication, compose
 from mailer.config import Settings
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.smtp import SmtpPool, probe
@@ -25,6 +25,7 @@ from mailer.errors import InputError
 from mailer.posts import Post
 from mailer.posts.store import get_post
 from mailer.tokens import PREVIEW_SEND_ID, Signer
+from mailer.vocabulary import VARIANTS
 from mailer.when import parse_time
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +14,10 @@ from mailer import subscribers
 from mailer.billing.attribution import change_tier
 from mailer.cli.common import engine, print_json, settings
 from mailer.db import session
-from mailer.subscribers import Subscriber, SubscriberEvent, parse_tier, parse_when
+from mailer.subscribers import Subscriber, SubscriberEvent, parse_when
 from mailer.subscribers.csvfile import replacing
 from mailer.subscribers.importer import Progress
+from mailer.vocabulary import Tier
 
 app = typer.Typer(
     name="subscribers", help="Import, export and manage readers.", no_args_is_help=True
@@ -28,13 +28,6 @@ Email = Annotated[str, typer.Argument(help="The reader's address (any case).", s
 CheckDns = Annotated[
     bool, typer.Option("--check-dns", help="Also check that each domain accepts mail (slow).")
 ]
-
-
-class TierChoice(StrEnum):
-    free = "free"
-    trial = "trial"
-    paid = "paid"
-    comped = "comped"
 
 
 @app.command("import")
@@ -119,16 +112,14 @@ def _progress_bar() -> Iterator[Progress | None]:
 def add(
     email: Email,
     name: Annotated[str | None, typer.Option(help="The reader's name.")] = None,
-    tier: Annotated[TierChoice, typer.Option(help="The reader's tier.")] = TierChoice.free,
+    tier: Annotated[Tier, typer.Option(help="The reader's tier.")] = "free",
     tag: Annotated[list[str] | None, typer.Option(help="A tag; repeat for more.")] = None,
     check_dns: CheckDns = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a reader, active; an address already there or erased is refused."""
     with session(engine()) as s:
-        added = subscribers.add(
-            s, email, name=name, tier=parse_tier(tier), tags=tag or (), check_dns=check_dns
-        )
+        added = subscribers.add(s, email, name=name, tier=tier, tags=tag or (), check_dns=check_dns)
         events = subscribers.history(s, added.email_key)
     if as_json:
         print_json(_as_json(added, events))
@@ -179,7 +170,7 @@ def export(
 @app.command("set-tier")
 def set_tier(
     email: Email,
-    tier: Annotated[TierChoice, typer.Argument(help="The new tier.", show_default=False)],
+    tier: Annotated[Tier, typer.Argument(help="The new tier.", show_default=False)],
     trial_ends: Annotated[
         str | None,
         typer.Option(help="With tier trial: when it ends (ISO date or datetime, UTC)."),
@@ -194,7 +185,7 @@ def set_tier(
         reader = change_tier(
             s,
             email,
-            parse_tier(tier),
+            tier,
             trial_ends_at=ends,
             attribution_days=settings().attribution_days,
         )

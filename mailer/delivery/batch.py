@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from mailer.config import Settings
-from mailer.db.models import SendStatus, Variant, utcnow
+from mailer.db.models import utcnow
 from mailer.delivery.dkim import DkimSigner
 from mailer.delivery.ledger import (
     Candidate,
@@ -51,6 +51,7 @@ from mailer.delivery.smtp import Outcome
 from mailer.delivery.throttle import Throttle
 from mailer.errors import MailerError, PermanentDeliveryError
 from mailer.tokens import Signer
+from mailer.vocabulary import SendStatus, Variant
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,15 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from mailer.db.models import (
     DeliveryRow,
-    DeliveryState,
     SendBatchRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     SubscriberRow,
-    Variant,
     utcnow,
 )
 from mailer.errors import TransientDeliveryError
 from mailer.subscribers.manage import change_status
+from mailer.vocabulary import DeliveryState, SendStatus, Variant
 
 log = logging.getLogger(__name__)
 

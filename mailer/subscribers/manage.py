@@ -17,10 +17,8 @@ from sqlalchemy.orm import Session
 from mailer.db.models import (
     SubscriberEventRow,
     SubscriberRow,
-    SubscriberStatus,
     SubscriberTagRow,
     SuppressionRow,
-    Tier,
     TrackingEventRow,
     utcnow,
 )
@@ -36,6 +34,7 @@ from mailer.subscribers.model import (
     parse_tags,
     parse_tier,
 )
+from mailer.vocabulary import SubscriberStatus, Tier
 
 TIER_CHANGED = "tier_changed"
 STATUS_CHANGED = "status_changed"
