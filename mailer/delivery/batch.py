@@ -67,7 +67,7 @@ class Sender(Protocol):
 
 class Ledger(Protocol):
     """One batch's rows and lease (``ledger.SqlLedger``); each call blocks, so it runs in a
-    thread, and raises ``ledger.LedgerUnavailable`` when the database does not answer."""
+    thread, and raises ``errors.LedgerUnavailable`` when the database does not answer."""
 
     def acquire(self) -> tuple[Lease, float]: ...
     def release(self) -> None: ...
