@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +11,7 @@ import typer
 from mailer.cli.common import engine, settings, warn
 from mailer.compose import Publication, compose
 from mailer.db import session
-from mailer.errors import InputError
+from mailer.files import write_replacing
 from mailer.posts.store import get_post
 from mailer.preview import SAMPLE_READER, Format, render_preview
 from mailer.tokens import Signer
@@ -52,18 +50,5 @@ def preview(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    _write_atomically(out, data)
+    write_replacing(out, "--out", data)
     typer.echo(str(out))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A preview is either the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            tmp.unlink()
-        raise InputError(f"--out {path}: cannot write ({exc.strerror})") from None

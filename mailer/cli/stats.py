@@ -14,8 +14,8 @@ from mailer import stats as stats_lib
 from mailer.cli.common import JsonFlag, engine, print_json
 from mailer.db.models import utcnow
 from mailer.errors import InputError
+from mailer.files import replacing
 from mailer.stats import SendStats
-from mailer.subscribers.csvfile import replacing
 
 
 def stats(

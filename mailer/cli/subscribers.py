@@ -14,8 +14,8 @@ from mailer import subscribers
 from mailer.billing.attribution import change_tier
 from mailer.cli.common import engine, print_json, settings
 from mailer.db import session
+from mailer.files import replacing
 from mailer.subscribers import Subscriber, SubscriberEvent, parse_when
-from mailer.subscribers.csvfile import replacing
 from mailer.subscribers.importer import Progress
 from mailer.vocabulary import Tier
 

@@ -74,7 +74,8 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.errors import InputError
-from mailer.subscribers.csvfile import CsvSource, SafeWriter, open_csv, replacing
+from mailer.files import replacing
+from mailer.subscribers.csvfile import CsvSource, SafeWriter, open_csv
 from mailer.subscribers.manage import STATUS_CHANGED, TIER_CHANGED
 from mailer.subscribers.model import (
     clean_name,
