@@ -154,7 +154,7 @@ def create(
                 subject=template.subject,
                 nonce=template.nonce,
                 template=template.mime,
-                html_size=len(template.html.encode()),
+                html_size=template.html_bytes,
             )
         )
     session.add_all(

@@ -65,4 +65,6 @@ def _table(found: SendStats) -> Table:
         table.add_column(heading, justify="right")
     for row in found.rows():
         table.add_row(*row)
+    sizes = (found.html_bytes.get(v) for v in found.by_variant)
+    table.add_row("html size", *(f"{n / 1024:,.0f} KB" if n else "-" for n in sizes), "")
     return table

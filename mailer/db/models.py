@@ -269,7 +269,7 @@ class SendVariantRow(Base):
     subject: Mapped[str] = mapped_column(Text)
     nonce: Mapped[str] = mapped_column(String(32))  # the template's marker nonce
     template: Mapped[bytes] = mapped_column(LargeBinary)
-    html_size: Mapped[int] = mapped_column(Integer)
+    html_size: Mapped[int] = mapped_column(Integer)  # bytes of HTML a typical reader gets
 
 
 class SendBatchRow(Base):
