@@ -23,11 +23,12 @@ from pathlib import Path
 
 from mjml import mjml2html
 
-from mailer.compose import VARIANTS, Publication, compose
+from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.posts import parse_post
 from mailer.preview import render_preview
 from mailer.tokens import Signer
+from mailer.vocabulary import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / ".tools" / "node_modules"

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
 
-from mailer.compose import VARIANTS, Publication, compose
+from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.posts import parse_post
 from mailer.preview import render_preview
 from mailer.tokens import Signer
+from mailer.vocabulary import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTS = sorted((ROOT / "examples" / "posts").glob("*.md"))

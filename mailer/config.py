@@ -659,11 +659,47 @@ def debug_requested(
 
 
 def _values(environ: Mapping[str, str] | None, env_file: Path | None) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if env_file is not None and env_file.is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    values.update(os.environ if environ is None else environ)
-    return values
+    return {**_file_values(env_file), **(os.environ if environ is None else environ)}
+
+
+def _file_values(env_file: Path | None) -> dict[str, str]:
+    if env_file is None or not env_file.is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+
+
+Source = Literal["environment", ".env", "default"]
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One setting as ``mailer config`` prints it."""
+
+    env: str  # the variable
+    value: str  # as given (or the default), secrets masked as in messages and logs
+    source: Source
+    help: str
+
+
+def describe(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> tuple[Shown, ...]:
+    """Every setting in effect: its value, where it came from and what it does.
+
+    Raises ``ConfigError`` as ``load_settings`` does: a bad value is reported, not shown.
+    """
+    load_settings(environ, env_file)
+    given = os.environ if environ is None else environ
+    from_file = _file_values(env_file)
+    shown: list[Shown] = []
+    for f in FIELDS:
+        source: Source = "environment" if f.env in given else ".env"
+        raw = given.get(f.env, from_file.get(f.env))
+        if raw is None:
+            source, raw = "default", f.default
+        value = {None: raw, "url": masked(raw), "whole": "***" if raw else ""}[f.secret]
+        shown.append(Shown(f.env, value, source, f.help))
+    return tuple(shown)
 
 
 def _check_secret_keys(settings: Settings) -> None:

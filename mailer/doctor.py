@@ -16,8 +16,7 @@ from mailer.config import FIELDS, Settings
 from mailer.delivery.dispatch import find_workers
 from mailer.delivery.dkim import signer_from_settings
 from mailer.delivery.smtp import probe
-from mailer.errors import MailerError, TransientDeliveryError
-from mailer.tracking.ingest import BrokerError
+from mailer.errors import BrokerError, MailerError, TransientDeliveryError
 
 BEAT_SILENT_S = 60.0  # the clock ticks every few seconds: a minute of silence means no beat
 DEFAULT_SECRET = next(f.default for f in FIELDS if f.env == "MAILER_SECRET_KEY")

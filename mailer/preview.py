@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Literal
 
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.tokens import PREVIEW_SEND_ID, Signer
+from mailer.vocabulary import Variant
 
 if TYPE_CHECKING:
-    from mailer.compose import Composition, Variant
+    from mailer.compose import Composition
 
 Format = Literal["html", "text", "eml"]
 SAMPLE_READER = Recipient(subscriber_id=0, email="reader@example.com", name="Sample Reader")

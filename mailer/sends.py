@@ -33,16 +33,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from mailer import segments
-from mailer.compose import VARIANTS, Composition, Publication, Variant, compose
+from mailer.compose import Composition, Publication, compose
 from mailer.config import Settings
 from mailer.db.models import (
     DeliveryRow,
-    DeliveryState,
     LinkRow,
     PostRow,
     SendBatchRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     SubscriberRow,
     utcnow,
@@ -53,6 +51,7 @@ from mailer.delivery.smtp import Outcome, SmtpPool
 from mailer.errors import InputError, NotFoundError
 from mailer.posts import Post
 from mailer.tokens import PREVIEW_SEND_ID, Signer
+from mailer.vocabulary import VARIANTS, DeliveryState, SendStatus, Variant
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +265,7 @@ def create(
                 subject=template.subject,
                 nonce=template.nonce,
                 template=template.mime,
-                html_size=len(template.html.encode()),
+                html_size=template.html_bytes,
             )
         )
     session.add_all(

@@ -10,8 +10,8 @@ may be off), so ``human_opens`` counts readers with either.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, fields
-from typing import Any, get_args
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -30,15 +30,13 @@ from mailer.db.models import (
     DeliveryRow,
     PostRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     TrackingEventRow,
-    Variant,
 )
 from mailer.errors import NotFoundError
 from mailer.sends import with_post
+from mailer.vocabulary import VARIANTS, SendStatus, Variant
 
-VARIANTS: tuple[Variant, ...] = get_args(Variant)
 TIMELINE_HOURS = 7 * 24  # the chart's span: nearly all opens come in the first days
 # Gmail's limit on the share of a sender's mail reported as spam: above it, mail is refused.
 COMPLAINT_LIMIT = 0.003
@@ -106,6 +104,8 @@ class SendStats:
     is_test: bool
     started_at: dt.datetime | None
     by_variant: dict[Variant, Counts]
+    # Each variant's HTML part for a typical reader: Gmail clips it above 102 KB.
+    html_bytes: dict[Variant, int] = field(default_factory=dict)
 
     @property
     def total(self) -> Counts:
@@ -177,13 +177,12 @@ def resolve(session: Session, ref: str) -> int:
 def send_stats(session: Session, send_id: int) -> SendStats:
     """The numbers of one send, overall (``total``) and per variant."""
     send, slug, title = with_post(session, send_id)
-    subjects = dict(
-        session.execute(
-            select(SendVariantRow.variant, SendVariantRow.subject).where(
-                SendVariantRow.send_id == send_id
-            )
-        ).all()
-    )
+    composed = session.execute(
+        select(SendVariantRow.variant, SendVariantRow.subject, SendVariantRow.html_size).where(
+            SendVariantRow.send_id == send_id
+        )
+    ).all()
+    subjects = {variant: subject for variant, subject, _ in composed}
     numbers: dict[Variant, dict[str, int]] = {v: {} for v in VARIANTS}
     for variant, *values in session.execute(_ledger(send_id)):
         numbers[variant].update(zip(_LEDGER, map(int, values), strict=True))
@@ -200,6 +199,7 @@ def send_stats(session: Session, send_id: int) -> SendStats:
         is_test=send.is_test,
         started_at=send.started_at,
         by_variant={v: Counts(**numbers[v]) for v in VARIANTS},
+        html_bytes={variant: size for variant, _, size in composed},
     )
 
 

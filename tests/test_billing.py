@@ -25,12 +25,11 @@ from mailer.cli import app
 from mailer.db.models import (
     BillingCustomerRow,
     BillingEventRow,
-    Classification,
     SubscriberEventRow,
     TrackingEventRow,
-    TrackingKind,
 )
 from mailer.tokens import Kind, Signer, Token
+from mailer.vocabulary import Classification, TrackingKind
 
 SECRET = "whsec_test_0123456789abcdef"
 SIGNER = Signer(["tests-only-secret-key-0123456789"])

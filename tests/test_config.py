@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import DEV
 
-from mailer.config import FIELDS, SmtpSettings, load_settings
+from mailer.config import FIELDS, SmtpSettings, describe, load_settings
 from mailer.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -30,6 +30,35 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     settings = load_settings({**DEV, "MAILER_PUBLICATION_NAME": "From Env"}, env_file=env_file)
     assert settings.publication_name == "From Env"
     assert settings.postal_address == "2 Dotenv Road"
+
+
+def test_describe_shows_each_setting_its_source_and_help_with_secrets_masked(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MAILER_SMTP_URL=smtp://u:hunter2@mail.example.com:587\n")
+    secret = "s3cret-key-of-at-least-thirty-two-bytes"
+    shown = {
+        s.env: s
+        for s in describe(
+            {**DEV, "MAILER_SECRET_KEY": secret, "MAILER_BATCH_SIZE": "250"}, env_file=env_file
+        )
+    }
+    assert list(shown) == [f.env for f in FIELDS]
+    assert all(s.help for s in shown.values())
+    assert (shown["MAILER_BATCH_SIZE"].value, shown["MAILER_BATCH_SIZE"].source) == (
+        "250",
+        "environment",
+    )
+    assert (shown["MAILER_SMTP_URL"].value, shown["MAILER_SMTP_URL"].source) == (
+        "smtp://u:***@mail.example.com:587",
+        ".env",
+    )
+    assert shown["MAILER_SECRET_KEY"].value == "***"
+    assert shown["MAILER_TIMEZONE"].source == "default"
+    assert "hunter2" not in repr(shown) and secret not in repr(shown)
+    with pytest.raises(ConfigError, match="MAILER_BATCH_SIZE"):
+        describe({**DEV, "MAILER_BATCH_SIZE": "lots"}, env_file=env_file)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from mailer.delivery.smtp import SmtpPool
 from mailer.errors import TransientDeliveryError
 from mailer.posts import parse_post_text
 from mailer.posts.store import save_post
+from mailer.vocabulary import TIERS, Tier
 
 POST = """\
 ---
@@ -54,14 +55,13 @@ Free readers see this part.
 
 Only paying readers see this part.
 """
-TIERS = ("free", "trial", "paid", "comped")
 
 
 @dataclass
 class Setup:
     engine: Engine
     db_url: str
-    readers: dict[str, str]  # address → tier
+    readers: dict[str, Tier]  # address → tier
 
     def settings(self, smtp_port: int, **extra: str) -> Settings:
         return load_settings(

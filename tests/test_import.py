@@ -16,6 +16,7 @@ from mailer.db.models import SubscriberEventRow, SubscriberRow, SubscriberTagRow
 from mailer.errors import InputError
 from mailer.subscribers import ImportResult, import_csv
 from mailer.subscribers import importer as importer_module
+from mailer.vocabulary import SUBSCRIBER_COLUMNS
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "readers.csv") -> Path:
@@ -419,7 +420,7 @@ def test_export_imports_back_unchanged(engine: Engine, tmp_path: Path) -> None:
         assert subscribers.export_csv(s, f) == 2
     with out.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(subscribers.EXPORT_COLUMNS)
+    assert list(rows[0]) == list(SUBSCRIBER_COLUMNS)
     assert rows[0]["tags"] == "a;b" and rows[0]["attributes"] == '{"city": "Zürich"}'
     assert rows[0]["trial_ends_at"] == "2026-05-01T00:00:00+00:00"
     assert rows[1]["status"] == "unsubscribed"

@@ -40,7 +40,6 @@ from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
     InboundMessageRow,
-    InboundOutcome,
     SubscriberEventRow,
     SubscriberRow,
     TrackingEventRow,
@@ -49,6 +48,7 @@ from mailer.inbound import Ours, Policy, Tally, handle
 from mailer.inbound.verdict import judge
 from mailer.stats import send_stats
 from mailer.tokens import Kind, Signer, Token
+from mailer.vocabulary import InboundOutcome
 
 DATA = Path(__file__).parent / "data" / "bounces"
 SECRET = "inbound-test-secret-key"

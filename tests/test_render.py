@@ -17,10 +17,11 @@ from typing import Any
 import html5lib
 import pytest
 
-from mailer.compose import GMAIL_CLIP_BYTES, VARIANTS, Composition, Publication, compose, markdown
+from mailer.compose import GMAIL_CLIP_BYTES, Composition, Publication, compose, markdown
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post, parse_post_text
 from mailer.tokens import Signer
+from mailer.vocabulary import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Posts written as prose; the long test post is random words, which SpamAssassin's LONGWORDS

@@ -32,9 +32,10 @@ from mailer.cli import main
 from mailer.config import DEV_SECRET_KEY, MIN_KEY_BYTES, load_settings
 from mailer.db.models import SubscriberRow, TrackingEventRow, utcnow
 from mailer.errors import ConfigError, InputError, PostError, SegmentError
+from mailer.files import replacing
 from mailer.posts import parse_post
 from mailer.subscribers import import_csv
-from mailer.subscribers.csvfile import SafeWriter, neutralised, replacing, restored
+from mailer.subscribers.csvfile import SafeWriter, neutralised, restored
 from mailer.tokens import Signer
 from mailer.tracking import app as tracker_app
 from mailer.tracking.app import create_app

@@ -35,6 +35,7 @@ from mailer.segments import (
     TierIn,
     parse,
 )
+from mailer.vocabulary import SUBSCRIBER_STATUSES, TIERS
 
 UTC = dt.UTC
 NODES = (Everyone, TierIn, TagIn, DomainIn, Joined, SavedRef, Not, And, Or)
@@ -345,8 +346,6 @@ def test_unknown_names_and_cycles_are_refused(engine: Engine) -> None:
 
 # Property (b): the SQL selects exactly what a plain Python predicate selects.
 
-TIERS = ("free", "trial", "paid", "comped")
-STATUSES = ("active", "unsubscribed", "bounced", "complained")
 TAGS = ("politics", "sport", "local news")
 DOMAINS = ("gmail.com", "example.org", "bücher.example")
 DAYS = (dt.date(2025, 12, 31), dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date.max)
@@ -356,7 +355,7 @@ readers = st.lists(
     st.builds(
         Reader,
         tier=st.sampled_from(TIERS),
-        status=st.sampled_from(STATUSES),
+        status=st.sampled_from(SUBSCRIBER_STATUSES),
         domain=st.sampled_from(DOMAINS),
         tags=st.frozensets(st.sampled_from(TAGS)),
         # The days the expressions name, mostly at either edge of the day.

@@ -25,8 +25,8 @@ from smtp_servers import (
 )
 
 from mailer.config import SmtpSettings
-from mailer.delivery.smtp import MAX_REPLY, Outcome, SmtpConnectError, SmtpPool, probe
-from mailer.errors import PermanentDeliveryError, TransientDeliveryError
+from mailer.delivery.smtp import MAX_REPLY, Outcome, SmtpPool, probe
+from mailer.errors import PermanentDeliveryError, SmtpConnectError, TransientDeliveryError
 
 SENDER = "bounces+t0k3n@news.test"
 # The same outcomes whether or not the server offers PIPELINING (RFC 2920).

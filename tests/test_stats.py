@@ -19,13 +19,12 @@ from mailer.cli import app
 from mailer.db.models import (
     BounceEventRow,
     DeliveryRow,
-    DeliveryState,
     SendVariantRow,
     TrackingEventRow,
-    Variant,
 )
 from mailer.errors import NotFoundError
 from mailer.stats import Counts, Hour, SendStats, resolve, send_stats, timeline
+from mailer.vocabulary import DeliveryState, Variant
 
 START = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
 KEYS = {
@@ -94,7 +93,7 @@ def sent(engine: Engine) -> Sent:
                     subject="The Harbour",
                     nonce="n",
                     template=b"",
-                    html_size=0,
+                    html_size={"free": 41_000, "paid": 104_900}[variant],
                 )
             )
         readers = []
@@ -148,6 +147,7 @@ def sent(engine: Engine) -> Sent:
 def test_numbers_overall_and_by_variant(sent: Sent) -> None:
     with db.session(sent.engine) as s:
         found = send_stats(s, sent.send_id)
+    assert found.html_bytes == {"free": 41_000, "paid": 104_900}
     assert found.by_variant["free"] == Counts(
         recipients=6,
         sent=4,
@@ -235,6 +235,7 @@ def test_cli_json_table_and_html(
     table = runner.invoke(app, ["stats", str(sent.send_id)], env=env)
     assert table.exit_code == 0, table.output
     assert "human opens" in table.stdout and "66.7%" in table.stdout
+    assert re.search(r"html size\s.*\b40 KB\s.*\b102 KB", table.stdout)
 
     report = tmp_path / "out" / "report.html"
     result = runner.invoke(app, ["stats", "harbour", "--html", str(report), "--json"], env=env)

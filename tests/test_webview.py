@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 
 from mailer import db, sends
 from mailer.compose import Publication, compose
-from mailer.db.models import DeliveryRow, SubscriberRow, Tier, TrackingEventRow, utcnow
+from mailer.db.models import DeliveryRow, SubscriberRow, TrackingEventRow, utcnow
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
 from mailer.posts.store import save_post
@@ -29,6 +29,7 @@ from mailer.subscribers import manage
 from mailer.tokens import Kind, Signer, Token
 from mailer.tracking.app import create_app
 from mailer.tracking.ingest import RedisBuffer, flush_once
+from mailer.vocabulary import Tier
 
 SECRET = "webview-test-secret-0123456789"
 TRACKER = "https://t.example.com"

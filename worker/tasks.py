@@ -27,7 +27,7 @@ from mailer import db, sends
 from mailer.config import load_settings
 from mailer.delivery.runner import Runtime, next_run
 from mailer.delivery.throttle import LocalThrottle, RedisThrottle, Throttle
-from mailer.tracking.ingest import BrokerError
+from mailer.errors import BrokerError
 from worker.app import app
 
 log = logging.getLogger(__name__)

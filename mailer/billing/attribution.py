@@ -14,8 +14,9 @@ import datetime as dt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailer.db.models import Tier, TrackingEventRow, TrackingKind, utcnow
+from mailer.db.models import TrackingEventRow, utcnow
 from mailer.subscribers import Subscriber, get, set_tier
+from mailer.vocabulary import Tier, TrackingKind
 
 # Tier moves that are billing milestones; comped readers are the author's gift, not a sale.
 MILESTONES: dict[tuple[Tier, Tier], TrackingKind] = {

@@ -33,9 +33,10 @@ from sqlalchemy.orm import Session
 from mailer import db
 from mailer.billing.attribution import change_tier
 from mailer.db import dialect
-from mailer.db.models import BillingCustomerRow, BillingEventRow, SubscriberRow, Tier, utcnow
+from mailer.db.models import BillingCustomerRow, BillingEventRow, SubscriberRow, utcnow
 from mailer.subscribers.model import lookup_key
 from mailer.tokens import Kind, Signer
+from mailer.vocabulary import Tier
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import typer
 
 from mailer.cli import (
     bounces,
+    config,
     db,
     dkim,
     doctor,
@@ -58,6 +59,7 @@ app.command()(doctor.doctor)
 app.add_typer(dkim.app)
 app.add_typer(bounces.app)
 app.command()(secret.secret)
+app.command()(config.config)
 
 UNEXPECTED_SHOWN = 200  # characters of an unexpected error's message: it may hold a whole query
 

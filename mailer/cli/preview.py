@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mailer.cli.common import engine, settings, warn
-from mailer.errors import InputError
-from mailer.preview import SAMPLE_READER
-
-
-class VariantChoice(StrEnum):
-    free = "free"
-    paid = "paid"
-
-
-class FormatChoice(StrEnum):
-    html = "html"
-    text = "text"
-    eml = "eml"
+from mailer.preview import SAMPLE_READER, Format
+from mailer.vocabulary import Variant
 
 
 def preview(
     slug: Annotated[str, typer.Argument(help="Slug of a post added with `mailer posts add`.")],
     variant: Annotated[
-        VariantChoice, typer.Option(help="Free readers' variant (paywall) or paid readers'.")
-    ] = VariantChoice.free,
+        Variant, typer.Option(help="Free readers' variant (paywall) or paid readers'.")
+    ] = "free",
     fmt: Annotated[
-        FormatChoice, typer.Option("--format", help="HTML part, text part, or the whole message.")
-    ] = FormatChoice.html,
+        Format, typer.Option("--format", help="HTML part, text part, or the whole message.")
+    ] = "html",
     out: Annotated[
         Path | None, typer.Option(help="Write here (parent folders are made) instead of stdout.")
     ] = None,
@@ -44,6 +30,7 @@ def preview(
     """Render one variant of a post, personalised for a sample reader."""
     from mailer.compose import Publication, compose
     from mailer.db import session
+    from mailer.files import write_replacing
     from mailer.posts.store import get_post
     from mailer.preview import render_preview
     from mailer.tokens import Signer
@@ -55,8 +42,8 @@ def preview(
     warn(composition.warnings())
     data = render_preview(
         composition,
-        variant.value,
-        fmt.value,
+        variant,
+        fmt,
         signer=Signer(config.secret_keys),
         tracker_url=config.tracker_url,
         reader=SAMPLE_READER.__class__(SAMPLE_READER.subscriber_id, to, name or None),
@@ -65,18 +52,5 @@ def preview(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    _write_atomically(out, data)
+    write_replacing(out, "--out", data)
     typer.echo(str(out))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A preview is either the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            tmp.unlink()
-        raise InputError(f"--out {path}: cannot write ({exc.strerror})") from None

@@ -49,8 +49,8 @@ def stats(
 
 def _write_report(path: Path, found: SendStats, hours: list[Hour]) -> None:
     from mailer.db.models import utcnow
+    from mailer.files import replacing
     from mailer.report import render_html
-    from mailer.subscribers.csvfile import replacing
 
     if path.is_dir():
         raise InputError(f"--html {path}: is a folder; give a file name")
@@ -72,4 +72,6 @@ def _table(found: SendStats) -> Table:
         table.add_column(heading, justify="right")
     for row in found.rows():
         table.add_row(*row)
+    sizes = (found.html_bytes.get(v) for v in found.by_variant)
+    table.add_row("html size", *(f"{n / 1024:,.0f} KB" if n else "-" for n in sizes), "")
     return table

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mailer.cli.common import engine, print_json, settings
+from mailer.vocabulary import Tier
 
 if TYPE_CHECKING:
     from mailer.subscribers import Subscriber, SubscriberEvent
@@ -26,13 +26,6 @@ Email = Annotated[str, typer.Argument(help="The reader's address (any case).", s
 CheckDns = Annotated[
     bool, typer.Option("--check-dns", help="Also check that each domain accepts mail (slow).")
 ]
-
-
-class TierChoice(StrEnum):
-    free = "free"
-    trial = "trial"
-    paid = "paid"
-    comped = "comped"
 
 
 @app.command("import")
@@ -119,7 +112,7 @@ def _progress_bar() -> Iterator[Progress | None]:
 def add(
     email: Email,
     name: Annotated[str | None, typer.Option(help="The reader's name.")] = None,
-    tier: Annotated[TierChoice, typer.Option(help="The reader's tier.")] = TierChoice.free,
+    tier: Annotated[Tier, typer.Option(help="The reader's tier.")] = "free",
     tag: Annotated[list[str] | None, typer.Option(help="A tag; repeat for more.")] = None,
     check_dns: CheckDns = False,
     as_json: JsonFlag = False,
@@ -127,12 +120,9 @@ def add(
     """Add a reader, active; an address already there or erased is refused."""
     from mailer import subscribers
     from mailer.db import session
-    from mailer.subscribers import parse_tier
 
     with session(engine()) as s:
-        added = subscribers.add(
-            s, email, name=name, tier=parse_tier(tier), tags=tag or (), check_dns=check_dns
-        )
+        added = subscribers.add(s, email, name=name, tier=tier, tags=tag or (), check_dns=check_dns)
         events = subscribers.history(s, added.email_key)
     if as_json:
         print_json(_as_json(added, events))
@@ -176,7 +166,7 @@ def export(
     """Export readers of any status as CSV, in the columns `import` reads back."""
     from mailer import subscribers
     from mailer.db import session
-    from mailer.subscribers.csvfile import replacing
+    from mailer.files import replacing
 
     with session(engine()) as s:
         if out is None:
@@ -190,7 +180,7 @@ def export(
 @app.command("set-tier")
 def set_tier(
     email: Email,
-    tier: Annotated[TierChoice, typer.Argument(help="The new tier.", show_default=False)],
+    tier: Annotated[Tier, typer.Argument(help="The new tier.", show_default=False)],
     trial_ends: Annotated[
         str | None,
         typer.Option(help="With tier trial: when it ends (ISO date or datetime, UTC)."),
@@ -202,14 +192,14 @@ def set_tier(
     """
     from mailer.billing.attribution import change_tier
     from mailer.db import session
-    from mailer.subscribers import parse_tier, parse_when
+    from mailer.subscribers import parse_when
 
     ends = parse_when(trial_ends, "--trial-ends") if trial_ends is not None else None
     with session(engine()) as s:
         reader = change_tier(
             s,
             email,
-            parse_tier(tier),
+            tier,
             trial_ends_at=ends,
             attribution_days=settings().attribution_days,
         )

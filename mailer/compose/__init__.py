@@ -16,7 +16,6 @@ import re
 import secrets
 from dataclasses import dataclass
 from email.utils import parseaddr
-from typing import Literal
 
 import jinja2
 from markupsafe import Markup
@@ -27,9 +26,7 @@ from mailer.compose import markdown, mime
 from mailer.config import Settings
 from mailer.paths import TEMPLATES
 from mailer.posts import Post, slugify
-
-Variant = Literal["free", "paid"]
-VARIANTS: tuple[Variant, ...] = ("free", "paid")
+from mailer.vocabulary import Variant
 
 GMAIL_CLIP_BYTES = 102 * 1024  # Gmail shows a larger HTML part cut, behind "[Message clipped]"
 _PREHEADER_CHARS = 140

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from mailer.config import masked
 from mailer.db import dialect
 from mailer.db.models import utcnow
-from mailer.errors import DatabaseError
+from mailer.errors import DatabaseError, translated
 
 # Alembic is imported inside the functions that need it: importing it costs ~0.3 s, which
 # every command would pay at start for nothing (``check`` does not need it on the happy path).
@@ -147,9 +147,6 @@ def _connection(engine: Engine) -> Iterator[Connection]:
     try:
         connection = engine.connect()
     except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "no answer"
-        raise DatabaseError(
-            f"cannot connect to database at {shown(engine.url)}: {reason}"
-        ) from None
+        raise translated(exc, f"cannot connect to database at {shown(engine.url)}") from None
     with connection:
         yield connection

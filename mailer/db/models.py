@@ -15,7 +15,7 @@ the CLI never see one. Every timestamp is an aware UTC datetime (see ``UtcDateTi
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -40,18 +40,28 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from mailer.posts import Audience
-
-Tier = Literal["free", "trial", "paid", "comped"]
-SubscriberStatus = Literal["active", "unsubscribed", "bounced", "complained"]
-SendStatus = Literal["scheduled", "sending", "paused", "done", "cancelled", "failed", "missed"]
-Variant = Literal["free", "paid"]
-DeliveryState = Literal["queued", "sending", "sent", "deferred", "failed", "unknown", "skipped"]
-TrackingKind = Literal["open", "click", "unsubscribe", "trial_started", "converted", "canceled"]
-Classification = Literal["human", "machine"]
-# What an inbound message (to the VERP path, the unsubscribe or the feedback address) was.
-InboundOutcome = Literal["hard", "soft", "complaint", "unsubscribe", "auto_reply", "unmatched"]
-BounceKind = Literal["hard", "soft", "complaint"]
+from mailer.vocabulary import (
+    AUDIENCES,
+    BOUNCE_KINDS,
+    CLASSIFICATIONS,
+    DELIVERY_STATES,
+    INBOUND_OUTCOMES,
+    SEND_STATUSES,
+    SUBSCRIBER_STATUSES,
+    TIERS,
+    TRACKING_KINDS,
+    VARIANTS,
+    Audience,
+    BounceKind,
+    Classification,
+    DeliveryState,
+    InboundOutcome,
+    SendStatus,
+    SubscriberStatus,
+    Tier,
+    TrackingKind,
+    Variant,
+)
 
 
 def utcnow() -> dt.datetime:
@@ -120,7 +130,7 @@ class Base(DeclarativeBase):
 
 class PostRow(Base):
     __tablename__ = "posts"
-    __table_args__ = (_one_of("audience", get_args(Audience)),)
+    __table_args__ = (_one_of("audience", AUDIENCES),)
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     slug: Mapped[str] = mapped_column(Text, unique=True)
@@ -140,8 +150,8 @@ class PostRow(Base):
 class SubscriberRow(Base):
     __tablename__ = "subscribers"
     __table_args__ = (
-        _one_of("tier", get_args(Tier)),
-        _one_of("status", get_args(SubscriberStatus)),
+        _one_of("tier", TIERS),
+        _one_of("status", SUBSCRIBER_STATUSES),
         # Segment counts filter on status first (only active readers are mailed).
         Index(None, "status", "tier"),
         Index(None, "status", "created_at"),
@@ -227,7 +237,7 @@ class SendRow(Base):
 
     __tablename__ = "sends"
     __table_args__ = (
-        _one_of("status", get_args(SendStatus)),
+        _one_of("status", SEND_STATUSES),
         Index(None, "status", "scheduled_at"),
         Index(None, "post_id"),
     )
@@ -250,7 +260,7 @@ class SendVariantRow(Base):
     """A variant composed once per send: MIME bytes with per-recipient tokens left in."""
 
     __tablename__ = "send_variants"
-    __table_args__ = (_one_of("variant", get_args(Variant)),)
+    __table_args__ = (_one_of("variant", VARIANTS),)
 
     send_id: Mapped[int] = mapped_column(
         Id, ForeignKey("sends.id", ondelete="CASCADE"), primary_key=True
@@ -259,7 +269,7 @@ class SendVariantRow(Base):
     subject: Mapped[str] = mapped_column(Text)
     nonce: Mapped[str] = mapped_column(String(32))  # the template's marker nonce
     template: Mapped[bytes] = mapped_column(LargeBinary)
-    html_size: Mapped[int] = mapped_column(Integer)
+    html_size: Mapped[int] = mapped_column(Integer)  # bytes of HTML a typical reader gets
 
 
 class SendBatchRow(Base):
@@ -287,8 +297,8 @@ class DeliveryRow(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        _one_of("variant", get_args(Variant)),
-        _one_of("state", get_args(DeliveryState)),
+        _one_of("variant", VARIANTS),
+        _one_of("state", DELIVERY_STATES),
         UniqueConstraint("send_id", "subscriber_id"),
         Index(None, "send_id", "batch_no", "state"),
         Index(None, "subscriber_id"),
@@ -333,8 +343,8 @@ class TrackingEventRow(Base):
 
     __tablename__ = "tracking_events"
     __table_args__ = (
-        _one_of("kind", get_args(TrackingKind)),
-        _one_of("classification", get_args(Classification)),
+        _one_of("kind", TRACKING_KINDS),
+        _one_of("classification", CLASSIFICATIONS),
         # Unique opens and clicks per send come from the index alone.
         Index(None, "send_id", "kind", "subscriber_id"),
         # Attribution: a reader's last click or open before a trial or conversion.
@@ -386,7 +396,7 @@ class InboundMessageRow(Base):
     """Every inbound message handled, by a hash of its Message-ID: the second time, nothing."""
 
     __tablename__ = "inbound_messages"
-    __table_args__ = (_one_of("outcome", get_args(InboundOutcome)),)
+    __table_args__ = (_one_of("outcome", INBOUND_OUTCOMES),)
 
     key: Mapped[str] = mapped_column(String(32), primary_key=True)
     outcome: Mapped[InboundOutcome] = mapped_column(String(16))
@@ -401,7 +411,7 @@ class BounceEventRow(Base):
 
     __tablename__ = "bounce_events"
     __table_args__ = (
-        _one_of("kind", get_args(BounceKind)),
+        _one_of("kind", BOUNCE_KINDS),
         Index(None, "subscriber_id", "kind", "at"),
         Index(None, "send_id", "kind"),
     )

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from mailer.config import Settings
-from mailer.db.models import SendStatus, Variant, utcnow
+from mailer.db.models import utcnow
 from mailer.delivery.dkim import DkimSigner
 from mailer.delivery.ledger import (
     Candidate,
@@ -51,6 +51,7 @@ from mailer.delivery.smtp import Outcome
 from mailer.delivery.throttle import Throttle
 from mailer.errors import MailerError, PermanentDeliveryError
 from mailer.tokens import Signer
+from mailer.vocabulary import SendStatus, Variant
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Sender(Protocol):
 
 class Ledger(Protocol):
     """One batch's rows and lease (``ledger.SqlLedger``); each call blocks, so it runs in a
-    thread, and raises ``ledger.LedgerUnavailable`` when the database does not answer."""
+    thread, and raises ``errors.LedgerUnavailable`` when the database does not answer."""
 
     def acquire(self) -> tuple[Lease, float]: ...
     def release(self) -> None: ...

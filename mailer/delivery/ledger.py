@@ -37,17 +37,15 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from mailer.db.models import (
     DeliveryRow,
-    DeliveryState,
     SendBatchRow,
     SendRow,
-    SendStatus,
     SendVariantRow,
     SubscriberRow,
-    Variant,
     utcnow,
 )
-from mailer.errors import TransientDeliveryError
+from mailer.errors import LedgerUnavailable, translated
 from mailer.subscribers.manage import change_status
+from mailer.vocabulary import DeliveryState, SendStatus, Variant
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +91,6 @@ def due(now: dt.datetime) -> ColumnElement[bool]:
     return (DeliveryRow.state == "queued") | (
         (DeliveryRow.state == "deferred") & (DeliveryRow.next_attempt_at <= now)
     )
-
-
-class LedgerUnavailable(TransientDeliveryError):
-    """The database did not answer (or stayed locked); nothing of this call was committed."""
 
 
 @dataclass(frozen=True)
@@ -252,8 +246,7 @@ class SqlLedger:
             if not _is_fault(exc):
                 raise
             self.close()  # the connection may be dead: the next call opens another
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise LedgerUnavailable(f"ledger database: {reason}") from exc
+            raise translated(exc, "ledger database", as_=LedgerUnavailable) from exc
 
     def _patiently(self, work: _Retryable[T]) -> T:
         """``_once``, retried with back-off for up to ``patience`` seconds; ``work`` is told

@@ -60,7 +60,7 @@ from aiosmtplib import (
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from mailer.config import SmtpSettings
-from mailer.errors import PermanentDeliveryError, TransientDeliveryError
+from mailer.errors import DeliveryError, PermanentDeliveryError, SmtpConnectError, foreign
 
 BACKOFF_CODES = frozenset({421, 450, 451, 452, 454})
 MAX_REPLY = 500
@@ -81,14 +81,6 @@ class Outcome:
     bounce: bool = False  # failed because of the recipient or the message (5xx to RCPT or DATA)
     # Deferred before anything was handed over: the server could not be reached or greeted.
     unreachable: bool = False
-
-
-class SmtpConnectError(TransientDeliveryError):
-    """The server could not be reached or greeted, or answered 4xx while we connected."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _StaleConnection(Exception):
@@ -248,7 +240,6 @@ async def _open(
     Raises ``SmtpConnectError`` when worth retrying later, ``PermanentDeliveryError`` on a
     configuration problem.
     """
-    where = f"{smtp.host}:{smtp.port}"
     conn = SMTP(
         hostname=smtp.host,
         port=smtp.port,
@@ -268,37 +259,33 @@ async def _open(
                     await conn.ehlo()
                 except SMTPHeloError:
                     await conn.helo()  # a pre-ESMTP server
-    except SMTPAuthenticationError as exc:
+    except (SMTPException, OSError) as exc:  # TimeoutError is an OSError
         conn.close()
-        raise PermanentDeliveryError(
-            _one_line(
-                f"SMTP server {where} refused AUTH as {smtp.username!r}: {exc.code} {exc.message}"
-            )
-        ) from None
-    except SMTPResponseException as exc:  # greeting, EHLO or STARTTLS refused
-        conn.close()
-        if 500 <= exc.code < 600:
-            raise PermanentDeliveryError(
-                _one_line(f"SMTP server {where} refused us: {exc.code} {exc.message}")
-            ) from None
-        raise SmtpConnectError(
-            _one_line(f"connect to {where} failed: {exc.code} {exc.message}"), exc.code
-        ) from None
-    except (SMTPTimeoutError, TimeoutError):
-        conn.close()
-        raise SmtpConnectError(f"connect to {where} timed out after {timeout:g}s") from None
-    except (SMTPServerDisconnected, OSError) as exc:  # aiosmtplib's SMTPConnectError too
-        conn.close()
-        tls = _tls_error(exc)
-        if tls is not None:
-            raise PermanentDeliveryError(
-                _one_line(f"TLS with SMTP server {where} failed: {tls}")
-            ) from None
-        raise SmtpConnectError(_one_line(f"connect to {where} failed: {exc}")) from None
-    except SMTPException as exc:  # STARTTLS or AUTH wanted but not offered
-        conn.close()
-        raise PermanentDeliveryError(_one_line(f"SMTP server {where}: {exc}")) from None
+        raise _connect_fault(exc, smtp, timeout) from None
     return conn
+
+
+def _connect_fault(exc: Exception, smtp: SmtpSettings, timeout: float) -> DeliveryError:
+    """``exc``, raised while connecting, as ours: its class from ``errors.FOREIGN``, except
+    that a TLS failure under it is ours to fix, and anything unlisted there (an OSError, a
+    timeout) means the server was not reached."""
+    where = f"{smtp.host}:{smtp.port}"
+    timed_out = isinstance(exc, SMTPTimeoutError | TimeoutError)
+    tls = None if timed_out else _tls_error(exc)
+    if tls is not None:
+        return PermanentDeliveryError(_one_line(f"TLS with SMTP server {where} failed: {tls}"))
+    code = exc.code if isinstance(exc, SMTPResponseException) else None
+    said = f"{code} {exc.message}" if isinstance(exc, SMTPResponseException) else str(exc)
+    if (foreign(exc) or SmtpConnectError) is SmtpConnectError:
+        what = f"timed out after {timeout:g}s" if timed_out else f"failed: {said}"
+        return SmtpConnectError(_one_line(f"connect to {where} {what}"), code)
+    if isinstance(exc, SMTPAuthenticationError):
+        said = f" refused AUTH as {smtp.username!r}: {said}"
+    elif code is not None:  # a 5xx greeting, EHLO or STARTTLS
+        said = f" refused us: {said}"
+    else:  # STARTTLS or AUTH wanted but not offered
+        said = f": {said}"
+    return PermanentDeliveryError(_one_line(f"SMTP server {where}{said}"))
 
 
 async def _default_local_hostname() -> str:

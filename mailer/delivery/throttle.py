@@ -25,7 +25,8 @@ back-off reported by another worker takes effect here within that time.
 Without Redis. Reading the set of back-offs and reporting one never fail a batch: while Redis
 is away the throttle keeps the back-offs it knew and its own, so with no limit configured a
 Redis outage costs nothing. Only taking from a configured limit needs Redis, and raises
-``TransientDeliveryError`` when it does not answer (the batch stops and is retried).
+``ThrottleUnavailable`` (a ``TransientDeliveryError``) when it does not answer (the batch
+stops and is retried).
 
 ``RedisThrottle`` keeps the state in Redis so that every worker process shares it; each
 attempt to take is one EVALSHA of an atomic Lua script that uses Redis's clock, so workers'
@@ -52,14 +53,14 @@ from dataclasses import dataclass
 from typing import Protocol, Self
 
 import redis.asyncio
-import redis.exceptions
 
 from mailer.config import Settings
-from mailer.errors import TransientDeliveryError
+from mailer.errors import ThrottleUnavailable, translating
 
 log = logging.getLogger(__name__)
 
 MIN_TOLERANCE = 0.05  # seconds
+_REDIS_FAILED = "rate limiter: Redis failed"
 
 
 class Clock(Protocol):
@@ -148,7 +149,7 @@ class _Throttle(ABC):
             if self._clock.now() >= self._refresh_at:
                 try:
                     self._backed_off = await self._backed_off_domains()
-                except TransientDeliveryError as exc:
+                except ThrottleUnavailable as exc:
                     # Sending without a limit needs no shared state: carry on with what we knew.
                     log.warning("%s; using the back-offs known so far", exc)
                 self._refresh_at = self._clock.now() + self._policy.refresh
@@ -158,7 +159,7 @@ class _Throttle(ABC):
         self._backed_off.add(domain)
         try:
             await self._backoff(domain, self._cap(domain))
-        except TransientDeliveryError as exc:
+        except ThrottleUnavailable as exc:
             # The reader is deferred all the same; only other workers miss the slow-down.
             log.warning("%s; back-off of %s not shared", exc, domain)
 
@@ -259,7 +260,7 @@ return 0
 
 class RedisThrottle(_Throttle):
     """Limits shared by every worker through Redis. Redis errors raise
-    ``TransientDeliveryError``."""
+    ``ThrottleUnavailable``."""
 
     def __init__(
         self,
@@ -302,10 +303,8 @@ class RedisThrottle(_Throttle):
         return 1000 * self._clock.now() if self._own_time else ""
 
     async def _backed_off_domains(self) -> set[str]:
-        try:
+        with translating(_REDIS_FAILED, as_=ThrottleUnavailable):
             members = await self._redis.smembers(self._set)
-        except redis.exceptions.RedisError as exc:
-            raise TransientDeliveryError(f"rate limiter: Redis failed: {exc}") from exc
         return {m.decode() if isinstance(m, bytes) else m for m in members}
 
     async def _take(self, domain: str) -> float:
@@ -320,10 +319,8 @@ class RedisThrottle(_Throttle):
             1000 * MIN_TOLERANCE,
             self._now_ms(),
         ]
-        try:
+        with translating(_REDIS_FAILED, as_=ThrottleUnavailable):
             wait_ms = await self._take_script(keys, args)
-        except redis.exceptions.RedisError as exc:
-            raise TransientDeliveryError(f"rate limiter: Redis failed: {exc}") from exc
         return int(wait_ms) / 1000
 
     async def _backoff(self, domain: str, cap: float) -> None:
@@ -337,10 +334,8 @@ class RedisThrottle(_Throttle):
             *self._recovery_ms,
             self._now_ms(),
         ]
-        try:
+        with translating(_REDIS_FAILED, as_=ThrottleUnavailable):
             await self._backoff_script(keys, args)
-        except redis.exceptions.RedisError as exc:
-            raise TransientDeliveryError(f"rate limiter: Redis failed: {exc}") from exc
 
 
 @dataclass

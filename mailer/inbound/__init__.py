@@ -32,21 +32,14 @@ from sqlalchemy.orm import Session
 
 from mailer import db
 from mailer.config import Settings
-from mailer.db.models import (
-    BounceEventRow,
-    BounceKind,
-    DeliveryRow,
-    InboundMessageRow,
-    InboundOutcome,
-    SubscriberRow,
-    utcnow,
-)
-from mailer.errors import DatabaseError
+from mailer.db.models import BounceEventRow, DeliveryRow, InboundMessageRow, SubscriberRow, utcnow
+from mailer.errors import translated
 from mailer.inbound.verdict import Ours, Verdict, judge
 from mailer.subscribers.manage import change_status
 from mailer.subscribers.model import lookup_key
 from mailer.tokens import Signer, Token
 from mailer.tracking.ingest import Entry, Event, write_events
+from mailer.vocabulary import BounceKind, InboundOutcome
 
 __all__ = ["Ours", "Policy", "Result", "Tally", "handle"]
 
@@ -114,10 +107,7 @@ def handle(
         # The same message, handled by another process at this very moment.
         if isinstance(exc, IntegrityError) and _handled(engine, verdict.key):
             return "duplicate"
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise DatabaseError(
-            f"cannot record inbound mail in {db.shown(engine.url)}: {reason}"
-        ) from exc
+        raise translated(exc, f"cannot record inbound mail in {db.shown(engine.url)}") from exc
 
 
 def _handled(engine: Engine, key: str) -> bool:

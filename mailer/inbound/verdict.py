@@ -34,8 +34,8 @@ from email.utils import getaddresses, parseaddr
 
 from flufl.bounce import all_failures
 
-from mailer.db.models import InboundOutcome
 from mailer.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
+from mailer.vocabulary import InboundOutcome
 
 log = logging.getLogger(__name__)
 

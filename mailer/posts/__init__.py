@@ -2,13 +2,11 @@
 
 ``parse`` reads a post file into a frozen ``Post`` (everything it needs is re-exported here);
 ``store`` saves and loads them, giving and taking ``Post``, never rows. ``store`` is imported
-by name, not from here: the ORM models take ``Audience`` from this package, and the store
-needs the models.
+by name, not from here: it needs the ORM (SQLAlchemy), which parsing a post does not.
 """
 
 from mailer.posts.parse import (
     PAYWALL_MARKER,
-    Audience,
     Post,
     parse_post,
     parse_post_text,
@@ -17,7 +15,6 @@ from mailer.posts.parse import (
 
 __all__ = [
     "PAYWALL_MARKER",
-    "Audience",
     "Post",
     "parse_post",
     "parse_post_text",

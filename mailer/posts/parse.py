@@ -9,13 +9,13 @@ import unicodedata
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import yaml
 
 from mailer.errors import PostError
+from mailer.vocabulary import AUDIENCES, Audience
 
-Audience = Literal["everyone", "paid"]
 PAYWALL_MARKER = "<!-- paywall -->"
 
 
@@ -238,10 +238,9 @@ def _audience(meta: dict[str, Any], source: str) -> Audience:
     value = meta.get("audience")
     if value is None or value == "":
         return "everyone"
-    if value == "everyone":
-        return "everyone"
-    if value == "paid":
-        return "paid"
+    for audience in AUDIENCES:
+        if value == audience:
+            return audience
     _fail(source, f"front matter: 'audience' must be 'everyone' or 'paid' (got {value!r})")
 
 

@@ -7,7 +7,6 @@ import re
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from mailer.db.models import Tier
 from mailer.segments.lexer import Item, Token, TokenKind, tokenize
 from mailer.segments.syntax import (
     EXAMPLE,
@@ -15,7 +14,6 @@ from mailer.segments.syntax import (
     MAX_DEPTH,
     MAX_LENGTH,
     NAME,
-    TIERS,
     And,
     Comparison,
     DomainIn,
@@ -30,6 +28,7 @@ from mailer.segments.syntax import (
     TierIn,
     error,
 )
+from mailer.vocabulary import TIERS, Tier
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _COMPARISON = re.compile(r"(>=|<=|>|<)")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias, get_args
+from typing import Literal, TypeAlias
 
-from mailer.db.models import Tier
 from mailer.errors import SegmentError
+from mailer.vocabulary import Tier
 
-TIERS: tuple[Tier, ...] = get_args(Tier)
 Comparison = Literal[">", ">=", "<", "<="]
 
 # Bounds that keep the parser's and SQLAlchemy's recursion far from Python's limit, and the

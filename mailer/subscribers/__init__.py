@@ -5,7 +5,6 @@ never ORM rows. Every tier and status change, creation included, is recorded as 
 Nothing here reads the environment.
 """
 
-from mailer.subscribers.export import COLUMNS as EXPORT_COLUMNS
 from mailer.subscribers.export import export_csv
 from mailer.subscribers.importer import ImportResult, default_rejects_path, import_csv
 from mailer.subscribers.manage import (
@@ -20,8 +19,6 @@ from mailer.subscribers.manage import (
     unsubscribe_by_id,
 )
 from mailer.subscribers.model import (
-    STATUSES,
-    TIERS,
     Address,
     Subscriber,
     SubscriberEvent,
@@ -32,9 +29,6 @@ from mailer.subscribers.model import (
 )
 
 __all__ = [
-    "EXPORT_COLUMNS",
-    "STATUSES",
-    "TIERS",
     "Address",
     "ImportResult",
     "Subscriber",

@@ -4,8 +4,8 @@
 encoding, and its first line is a header (the caller checks for the columns it needs). Records
 then stream one at a time with the line they start on, so memory stays flat. A field over
 the csv module's size limit rejects its record, and reading goes on at the line after it.
-``replacing`` writes a file that appears whole or not at all, and ``SafeWriter`` writes cells a
-spreadsheet shows but never runs (``neutralised``), which reading gives back (``restored``).
+``SafeWriter`` writes cells a spreadsheet shows but never runs (``neutralised``), which reading
+gives back (``restored``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,27 +195,3 @@ def _undecodable(path: Path, encoding: str) -> InputError:
                     f"{path}: line {number} is not valid {name} (byte 0x{byte:02X}); {SAVE_AS_UTF8}"
                 )
     return InputError(f"{path}: is not valid {name}; {SAVE_AS_UTF8}")
-
-
-@contextmanager
-def replacing(path: Path, what: str) -> Iterator[TextIO]:
-    """A UTF-8 text file that replaces ``path`` when the block ends normally, and never before.
-
-    It is written beside ``path`` (parent folders are made), so a failure to write is found
-    before any work is done, and the move is atomic. The file is its owner's only (0600): it
-    holds readers' data.
-    """
-    if path.is_dir():  # found now, not when the work is done and the move fails
-        raise InputError(f"{what} {path}: is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise InputError(f"{what} {path}: cannot write ({exc.strerror})") from None
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            yield file
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

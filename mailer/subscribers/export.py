@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from mailer import segments
 from mailer.db.models import SubscriberRow, SubscriberTagRow
 from mailer.subscribers.csvfile import SafeWriter
+from mailer.vocabulary import SUBSCRIBER_COLUMNS
 
-COLUMNS = ("email", "name", "tier", "tags", "trial_ends_at", "status", "created_at", "attributes")
 BATCH = 2000  # rows fetched at a time from a server-side cursor
 
 
@@ -37,7 +37,7 @@ def export_csv(session: Session, out: TextIO, *, segment: str | None = None) -> 
     if segment is not None:
         query = query.where(segments.where(session, segment))
     writer = SafeWriter(out)  # cells a spreadsheet would run as formulas get a ' before them
-    writer.writerow(COLUMNS)
+    writer.writerow(SUBSCRIBER_COLUMNS)
     count = 0
     for email, name, tier, tag_list, trial, status, created, attributes in session.execute(
         query, execution_options={"yield_per": BATCH}

@@ -68,14 +68,14 @@ from mailer.db.models import (
     Json,
     SubscriberEventRow,
     SubscriberRow,
-    SubscriberStatus,
     SubscriberTagRow,
     SuppressionRow,
     UtcDateTime,
     utcnow,
 )
 from mailer.errors import InputError
-from mailer.subscribers.csvfile import CsvSource, SafeWriter, open_csv, replacing
+from mailer.files import replacing
+from mailer.subscribers.csvfile import CsvSource, SafeWriter, open_csv
 from mailer.subscribers.manage import STATUS_CHANGED, TIER_CHANGED
 from mailer.subscribers.model import (
     clean_name,
@@ -86,13 +86,13 @@ from mailer.subscribers.model import (
     parse_when,
     split_address,
 )
+from mailer.vocabulary import SUBSCRIBER_COLUMNS, SubscriberStatus
 
 CHUNK = 5000
 # From this many new readers, and at least as many as there were, the readers' secondary indexes
 # and foreign keys are built once at the end rather than row by row (PostgreSQL only).
 BULK_LOAD = 50_000
 SAVE_STEPS = 9  # for the progress bar
-KNOWN = ("email", "name", "tier", "tags", "trial_ends_at", "status", "created_at", "attributes")
 ERASED_REASON = "erased at the reader's request: never imported again"
 
 # phase ("reading" or "saving"), done, total
@@ -213,11 +213,11 @@ class _RowParser:
         seen: set[str] = set()
         for position, name in enumerate(header):
             known = name.lower()
-            key = known if known in KNOWN else name or f"column{position + 1}"
+            key = known if known in SUBSCRIBER_COLUMNS else name or f"column{position + 1}"
             if key in seen:
                 raise InputError(f"{path}: column {name!r} appears twice in the header")
             seen.add(key)
-            if known in KNOWN:
+            if known in SUBSCRIBER_COLUMNS:
                 at[known] = position
             else:
                 self.extras.append((position, key))
@@ -228,7 +228,7 @@ class _RowParser:
                 f"columns, e.g. email,name,tier (found {found})"
             )
         # Absent columns read the blank cell added after the last one.
-        self.at = {column: at.get(column, self.width) for column in KNOWN}
+        self.at = {column: at.get(column, self.width) for column in SUBSCRIBER_COLUMNS}
 
     def parse(self, line: int, fields: list[str]) -> tuple[StagedRow, tuple[str, ...]]:
         width = self.width

@@ -17,10 +17,8 @@ from sqlalchemy.orm import Session
 from mailer.db.models import (
     SubscriberEventRow,
     SubscriberRow,
-    SubscriberStatus,
     SubscriberTagRow,
     SuppressionRow,
-    Tier,
     TrackingEventRow,
     utcnow,
 )
@@ -36,6 +34,7 @@ from mailer.subscribers.model import (
     parse_tags,
     parse_tier,
 )
+from mailer.vocabulary import SubscriberStatus, Tier
 
 TIER_CHANGED = "tier_changed"
 STATUS_CHANGED = "status_changed"
@@ -148,11 +147,14 @@ def unsubscribe_by_id(session: Session, subscriber_id: int) -> bool:
 
 
 def _change_status(session: Session, row: SubscriberRow, status: SubscriberStatus) -> None:
-    """Set ``row``'s status, recording the change; no event when it does not change."""
+    """Set ``row``'s status with ``change_status``, as the ledger and inbound mail do; no
+    event when it does not change."""
     if row.status != status:
-        _record(session, row.id, STATUS_CHANGED, row.status, status, utcnow())
-        row.status = status
-        session.flush()
+        session.flush()  # the ORM's pending changes first: the change is a statement of its own
+        change_status(
+            session.connection(), row.id, status, sources=(row.status,), send_id=None, at=utcnow()
+        )
+        session.expire(row, ["status", "updated_at"])
 
 
 def change_status(

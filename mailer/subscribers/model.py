@@ -12,17 +12,15 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES as _SPECIAL_USE
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
-from mailer.db.models import SubscriberStatus, Tier
 from mailer.errors import InputError
+from mailer.vocabulary import SUBSCRIBER_STATUSES, TIERS, SubscriberStatus, Tier
 
-TIERS: tuple[Tier, ...] = get_args(Tier)
-STATUSES: tuple[SubscriberStatus, ...] = get_args(SubscriberStatus)
 TAG_MAX = 100  # subscriber_tags.tag is VARCHAR(100)
 _Choice = TypeVar("_Choice", bound=str)  # a tier or a status
 DNS_TIMEOUT = 5  # seconds per domain; a timeout leaves the address accepted (unknown)
@@ -149,7 +147,7 @@ def parse_tier(text: str) -> Tier:
 
 
 def parse_status(text: str) -> SubscriberStatus:
-    return _one_of(text, STATUSES, "status")
+    return _one_of(text, SUBSCRIBER_STATUSES, "status")
 
 
 def _one_of(text: str, values: tuple[_Choice, ...], what: str) -> _Choice:

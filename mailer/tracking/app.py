@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer import db
 from mailer.db.models import LinkRow
-from mailer.errors import MailerError
+from mailer.errors import MailerError, reason
 from mailer.subscribers import unsubscribe_by_id
 from mailer.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 from mailer.tracking.ingest import Buffer, Event, EventKind, Flusher
@@ -429,12 +429,12 @@ def _readiness(engine: Engine, buffer: Buffer) -> Callable[[Request], Awaitable[
                 conn.execute(select(1))
             found["database"] = "ok"
         except SQLAlchemyError as exc:
-            found["database"] = _first_line(exc)
+            found["database"] = reason(exc)
         try:
             buffer.backlog()
             found["redis"] = "ok"
         except MailerError as exc:
-            found["redis"] = _first_line(exc)
+            found["redis"] = reason(exc)
         return found
 
     async def readyz(request: Request) -> Response:
@@ -457,16 +457,10 @@ def _metrics(render: Callable[[], bytes], token: str) -> Callable[[Request], Awa
         try:
             body = await run_in_threadpool(render)
         except (MailerError, SQLAlchemyError, RedisError) as exc:
-            return PlainTextResponse(f"metrics unavailable: {_first_line(exc)}", status_code=503)
+            return PlainTextResponse(f"metrics unavailable: {reason(exc)}", status_code=503)
         return Response(body, media_type=PROMETHEUS_TEXT, headers=NO_STORE)
 
     return metrics
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _view(tracker: Tracker, pages: WebVersions) -> Callable[[Request], Awaitable[Response]]:

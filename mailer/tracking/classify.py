@@ -21,7 +21,7 @@ import functools
 import ipaddress
 import re
 
-from mailer.db.models import Classification
+from mailer.vocabulary import Classification
 
 PREFETCH_SECONDS = 5.0
 

@@ -36,13 +36,12 @@ from typing import Any, Literal, Protocol, cast, get_args
 import redis
 import redis.asyncio
 from sqlalchemy import Engine, Table, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import db
 from mailer.db import dialect
 from mailer.db.models import DeliveryRow, TrackingEventRow
-from mailer.errors import DatabaseError, MailerError
+from mailer.errors import MailerError, translated, translating
 from mailer.subscribers import unsubscribe_by_id
 from mailer.tracking.classify import classify
 
@@ -57,10 +56,6 @@ CLAIM_IDLE = 60.0  # seconds an entry may stay pending with one flusher before a
 SENT_AT_SLICE = 5000  # readers per delivery-time query on SQLite
 MAX_USER_AGENT = 512  # longer ones are cut: the stream is memory
 EventKind = Literal["open", "click", "unsubscribe"]
-
-
-class BrokerError(MailerError, ConnectionError):
-    """The event buffer (Redis) did not answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +185,7 @@ class RedisBuffer:
             try:
                 await self._appender.xadd(self.stream, {"events": events})
             except redis.RedisError as exc:
-                _settle(batch, BrokerError(f"cannot buffer tracking events: {exc}"))
+                _settle(batch, translated(exc, "cannot buffer tracking events"))
             else:
                 _settle(batch, None)
 
@@ -200,15 +195,14 @@ class RedisBuffer:
         await self._appender.aclose()
 
     def read(self, consumer: str, count: int, claim_idle: float) -> list[Entry]:
-        try:
-            return self._read(consumer, count, claim_idle)
-        except redis.ResponseError as exc:
-            if not str(exc).startswith("NOGROUP"):
-                raise BrokerError(f"cannot read tracking events: {exc}") from exc
-            self._has_group = False  # the stream was deleted since: start again
-            return self._read(consumer, count, claim_idle)
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot read tracking events: {exc}") from exc
+        with translating("cannot read tracking events"):
+            try:
+                return self._read(consumer, count, claim_idle)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                self._has_group = False  # the stream was deleted since: start again
+                return self._read(consumer, count, claim_idle)
 
     def _read(self, consumer: str, count: int, claim_idle: float) -> list[Entry]:
         self._ensure_group()
@@ -261,34 +255,30 @@ class RedisBuffer:
     def ack(self, keys: Sequence[str]) -> None:
         if not keys:
             return
-        try:
-            with self._client.pipeline(transaction=False) as pipe:
-                pipe.xack(self.stream, self.group, *keys)
-                pipe.xdel(self.stream, *keys)
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot acknowledge tracking events: {exc}") from exc
+        with (
+            translating("cannot acknowledge tracking events"),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.xack(self.stream, self.group, *keys)
+            pipe.xdel(self.stream, *keys)
+            pipe.execute()
 
     def backlog(self) -> int:
-        try:
+        with translating("cannot read the tracking backlog"):
             return int(self._client.xlen(self.stream))
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot read the tracking backlog: {exc}") from exc
 
     def tally(self, by_kind: Mapping[str, int]) -> None:
-        try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for kind, count in by_kind.items():
-                    pipe.hincrby(self.stream + TALLY_SUFFIX, kind, count)
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot count tracking events: {exc}") from exc
+        with (
+            translating("cannot count tracking events"),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
+            for kind, count in by_kind.items():
+                pipe.hincrby(self.stream + TALLY_SUFFIX, kind, count)
+            pipe.execute()
 
     def tallies(self) -> dict[str, int]:
-        try:
+        with translating("cannot read tracking counts"):
             found = self._client.hgetall(self.stream + TALLY_SUFFIX)
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot read tracking counts: {exc}") from exc
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in found.items()}
 
     def retire(self, consumer: str) -> None:
@@ -433,14 +423,11 @@ class Flusher:
 
     def write(self, batch: Sequence[Entry]) -> int:
         """Insert a batch (entries already there are skipped); the number inserted."""
-        try:
-            with db.session(self.engine) as session:
-                return write_events(session, batch)
-        except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise DatabaseError(
-                f"cannot write tracking events to {db.shown(self.engine.url)}: {reason}"
-            ) from exc
+        with (
+            translating(f"cannot write tracking events to {db.shown(self.engine.url)}"),
+            db.session(self.engine) as session,
+        ):
+            return write_events(session, batch)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Flush every ``interval`` seconds until ``stop`` is set, then once more."""

@@ -19,10 +19,11 @@ from starlette.concurrency import run_in_threadpool
 
 from mailer import db
 from mailer.compose import mime
-from mailer.db.models import DeliveryRow, SendVariantRow, SubscriberRow, Variant
+from mailer.db.models import DeliveryRow, SendVariantRow, SubscriberRow
 from mailer.delivery.ledger import StoredTemplate
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.tokens import Signer
+from mailer.vocabulary import Variant
 
 CACHED_VARIANTS = 64
 
