@@ -101,7 +101,6 @@ class SendStats:
     title: str
     subject: str
     status: SendStatus
-    is_test: bool
     started_at: dt.datetime | None
     by_variant: dict[Variant, Counts]
     # Each variant's HTML part for a typical reader: Gmail clips it above 102 KB.
@@ -118,7 +117,6 @@ class SendStats:
             "title": self.title,
             "subject": self.subject,
             "status": self.status,
-            "is_test": self.is_test,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             **self.total.as_json(),
             "by_variant": {v: c.as_json() for v, c in self.by_variant.items()},
@@ -164,10 +162,7 @@ def resolve(session: Session, ref: str) -> int:
     if post_id is None:
         raise NotFoundError(f"no send with id or post with slug {ref!r}")
     send_id = session.scalar(
-        select(SendRow.id)
-        .where(SendRow.post_id == post_id, SendRow.is_test.is_(False))
-        .order_by(SendRow.id.desc())
-        .limit(1)
+        select(SendRow.id).where(SendRow.post_id == post_id).order_by(SendRow.id.desc()).limit(1)
     )
     if send_id is None:
         raise NotFoundError(f"post {ref!r} has not been sent yet (test sends do not count)")
@@ -196,7 +191,6 @@ def send_stats(session: Session, send_id: int) -> SendStats:
         title=title,
         subject=subjects.get("free") or subjects.get("paid") or title,
         status=send.status,
-        is_test=send.is_test,
         started_at=send.started_at,
         by_variant={v: Counts(**numbers[v]) for v in VARIANTS},
         html_bytes={variant: size for variant, _, size in composed},

@@ -74,7 +74,6 @@ READERS: list[tuple[Variant, DeliveryState, str | None, list[tuple[str, str | No
 class Sent:
     engine: Engine
     send_id: int
-    test_send_id: int
     older_send_id: int
 
 
@@ -84,7 +83,6 @@ def sent(engine: Engine) -> Sent:
         post = add_post(s, "harbour", audience="paid")
         older = add_send(s, post, status="done", started_at=START)
         send = add_send(s, post, status="done", started_at=START)
-        test = add_send(s, post, is_test=True)
         for variant in ("free", "paid"):
             s.add(
                 SendVariantRow(
@@ -141,7 +139,7 @@ def sent(engine: Engine) -> Sent:
         ]:
             s.add(BounceEventRow(kind=kind, subscriber_id=readers[n], send_id=send_id,
                                  message_key=f"{kind}{n}", at=START))  # fmt: skip
-        return Sent(engine, send.id, test.id, older.id)
+        return Sent(engine, send.id, older.id)
 
 
 def test_numbers_overall_and_by_variant(sent: Sent) -> None:
@@ -202,7 +200,6 @@ def test_slugs_name_the_latest_send_that_is_no_test(sent: Sent) -> None:
     with db.session(sent.engine) as s:
         assert resolve(s, "harbour") == sent.send_id
         assert resolve(s, str(sent.older_send_id)) == sent.older_send_id
-        assert resolve(s, str(sent.test_send_id)) == sent.test_send_id  # by id, it may be a test
         with pytest.raises(NotFoundError, match="'nope'"):
             resolve(s, "nope")
         with pytest.raises(NotFoundError, match="'424242'"):
@@ -270,7 +267,7 @@ def test_the_report_flags_complaints_over_gmails_limit(complaints: int, flagged:
     from mailer.report import render_html
 
     counts = Counts(recipients=1000, sent=1000, complaints=complaints)
-    found = SendStats(1, "s", "S", "S", "done", False, None, {"free": counts, "paid": Counts()})
+    found = SendStats(1, "s", "S", "S", "done", None, {"free": counts, "paid": Counts()})
     assert found.as_json()["complaint_rate"] == complaints / 1000
     page = render_html(found, [], generated=START)
     assert ('class="card alert"' in page) == flagged

@@ -248,7 +248,6 @@ class SendRow(Base):
     status: Mapped[SendStatus] = mapped_column(
         String(16), default="scheduled", server_default="scheduled"
     )
-    is_test: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     error: Mapped[str | None] = mapped_column(Text)  # why it failed or was missed
     scheduled_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
     created_at: Mapped[dt.datetime] = _created()
