@@ -46,7 +46,9 @@ REDIS_HOST, _, _port = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379").rpa
 REDIS_PORT = int(_port)
 
 
-REDIS_DB = 9  # the suite's own database of the test server; never 0: others use it
+# The suite's own database of the test server, never 0 (others use it); one per xdist worker
+# (gw0 uses 9, gw1 10, ...), as each flushes its own.
+REDIS_DB = 9 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 
 
