@@ -71,7 +71,7 @@ test: venv lint $(TEST_TOOLS)
 # PostgreSQL and Redis; `pytest -m "not subprocess and not outage and not postgres and not redis"`
 # needs neither.
 test-fast: venv
-	$(BIN)/pytest -m "not subprocess and not outage"
+	$(BIN)/pytest -m "not subprocess and not outage" -n 2
 
 lint: venv
 	$(BIN)/ruff check .
