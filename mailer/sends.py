@@ -206,13 +206,7 @@ def send_test(settings: Settings, post: Post, address: str) -> SentTest:
 
     async def deliver() -> dict[Variant, Outcome]:
         outcomes: dict[Variant, Outcome] = {}
-        async with SmtpPool(
-            settings.smtp,
-            size=1,
-            connect_timeout=settings.smtp_connect_timeout,
-            command_timeout=settings.smtp_command_timeout,
-            data_timeout=settings.smtp_data_timeout,
-        ) as pool:
+        async with SmtpPool.from_settings(settings, size=1) as pool:
             for variant in VARIANTS:
                 personaliser = Personaliser(
                     composition.variant(variant),

@@ -80,17 +80,7 @@ class Runtime:
         self.engine = engine or db.connect(settings.database_url)
         self.policy = Policy.from_settings(settings)
         self.loop = uvloop.new_event_loop()  # less CPU per SMTP round trip than asyncio's
-        self._pool = (
-            None
-            if sender is not None
-            else SmtpPool(
-                settings.smtp,
-                size=settings.smtp_concurrency,
-                connect_timeout=settings.smtp_connect_timeout,
-                command_timeout=settings.smtp_command_timeout,
-                data_timeout=settings.smtp_data_timeout,
-            )
-        )
+        self._pool = None if sender is not None else SmtpPool.from_settings(settings)
         self.sender: Sender = sender or self._pool  # type: ignore[assignment]
         self.throttle: Throttle = throttle or LocalThrottle(
             rate_limit=settings.rate_limit, domain_limits=settings.domain_limits

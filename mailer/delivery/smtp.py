@@ -59,7 +59,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 
-from mailer.config import SmtpSettings
+from mailer.config import Settings, SmtpSettings
 from mailer.errors import DeliveryError, PermanentDeliveryError, SmtpConnectError, foreign
 
 BACKOFF_CODES = frozenset({421, 450, 451, 452, 454})
@@ -344,6 +344,18 @@ class SmtpPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[SMTP] = []
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, size: int | None = None) -> SmtpPool:
+        """The configured server and timeouts; ``size`` connections (the configured
+        concurrency unless given)."""
+        return cls(
+            settings.smtp,
+            size=settings.smtp_concurrency if size is None else size,
+            connect_timeout=settings.smtp_connect_timeout,
+            command_timeout=settings.smtp_command_timeout,
+            data_timeout=settings.smtp_data_timeout,
+        )
 
     async def __aenter__(self) -> SmtpPool:
         return self
