@@ -45,7 +45,7 @@ from mailer.db.models import (
     SubscriberRow,
     utcnow,
 )
-from mailer.delivery.ledger import MOVES, due, moved
+from mailer.delivery.ledger import MOVES, due, moved, unheld
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.delivery.smtp import Outcome, SmtpPool
 from mailer.errors import InputError, NotFoundError
@@ -395,8 +395,7 @@ def expect_run(session: Session, send_id: int, batch_no: int, *, within: dt.time
         .where(
             SendBatchRow.send_id == send_id,
             SendBatchRow.batch_no == batch_no,
-            # A live run holds it: its own lease says when it is stalled.
-            SendBatchRow.lease_owner.is_(None) | (SendBatchRow.lease_until < now),
+            unheld(now),  # a live run's own lease says when it is stalled
         )
         .values(lease_owner=None, lease_until=now + within)
     )

@@ -93,6 +93,12 @@ def due(now: dt.datetime) -> ColumnElement[bool]:
     )
 
 
+def unheld(now: dt.datetime) -> ColumnElement[bool]:
+    """The batches no live run holds at ``now``: never leased, released, or leased by a run
+    whose lease ran out (its worker died)."""
+    return SendBatchRow.lease_owner.is_(None) | (SendBatchRow.lease_until < now)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A row the batch may try now, with what sending to its reader needs."""
@@ -281,8 +287,7 @@ class SqlLedger:
                 update(SendBatchRow)
                 .where(self._batch())
                 .where(
-                    SendBatchRow.lease_owner.is_(None)
-                    | (SendBatchRow.lease_until < now)
+                    unheld(now)
                     | (SendBatchRow.lease_owner == self.owner)  # our own earlier try committed
                 )
                 .values(lease_owner=self.owner, lease_until=now + self.lease)
