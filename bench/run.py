@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench import (
+    cli_bench,
     compose_bench,
     delivery_bench,
     dkim_bench,
@@ -18,6 +19,7 @@ def main() -> None:
     print(f"Machine: {describe()}\n")
     print("| measure | value | note |\n|---|---:|---|")
     for name, value, note in [
+        *cli_bench.main(),  # issue 14: a command's start
         *compose_bench.main(),
         *import_bench.main(),
         *segments_bench.main(),

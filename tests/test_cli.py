@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from mailer import db
-from mailer.cli import app
+from mailer.cli import app, for_command_line
 from mailer.posts.store import list_posts
 
 PAID_POST = """\
@@ -40,21 +40,34 @@ Below the fold.
 """
 
 
+def paths(command: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command's path in ``command``'s tree, the root's () first."""
+    children = getattr(command, "commands", {})
+    return [prefix] + [p for n, c in children.items() for p in paths(c, (*prefix, n))]
+
+
 def test_every_command_has_help(tmp_path: Path) -> None:
     """Walks the whole command tree, so commands added later are covered too."""
-
-    def paths(command: object, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
-        children = getattr(command, "commands", {})
-        return [prefix] + [p for n, c in children.items() for p in paths(c, (*prefix, n))]
-
     runner = CliRunner()
-    all_paths = paths(typer.main.get_command(app), ())
+    all_paths = paths(typer.main.get_command(app))
     assert ("posts", "add") in all_paths and ("db", "upgrade") in all_paths
     for path in all_paths:
         # --help must work even when the configuration is broken.
         result = runner.invoke(app, [*path, "--help"], env={"MAILER_NOPE": "1"})
         assert result.exit_code == 0, (path, result.output)
         assert "Usage:" in result.output
+
+
+def test_a_command_line_gets_the_same_command_from_the_part_it_names() -> None:
+    """``main`` builds only the group or command a command line names first."""
+    runner = CliRunner()
+    for path in paths(typer.main.get_command(app))[1:]:
+        part = for_command_line(list(path))
+        assert {p[0] for p in paths(typer.main.get_command(part))[1:]} == {path[0]}
+        shown = runner.invoke(part, [*path, "--help"]).output
+        assert shown == runner.invoke(app, [*path, "--help"]).output, path
+    for whole_line in ([], ["--help"], ["sned", "x"]):
+        assert for_command_line(whole_line) is app
 
 
 @pytest.mark.subprocess

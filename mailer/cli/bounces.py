@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import signal
@@ -28,6 +27,8 @@ def serve(
 ) -> None:
     """An SMTP server for the VERP return path, the unsubscribe and the feedback address;
     every other recipient is refused with 550. Runs until SIGTERM or Ctrl-C."""
+    import asyncio
+
     from mailer.inbound import Policy
     from mailer.inbound.server import serve as serve_smtp
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
+import functools
 import math
 import sys
 import time
@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from mailer.cli.common import JsonFlag, engine, print_json, settings, warn
 from mailer.config import Settings
@@ -19,6 +18,7 @@ from mailer.errors import InputError
 from mailer.when import parse_time
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from sqlalchemy.orm import Session
 
     from mailer.posts import Post
@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
 EXIT_FAILED_RECIPIENTS = 3
-_err = Console(stderr=True)
+
+
+@functools.cache
+def _err() -> Console:
+    """Progress and notices go to stderr; rich loads only for the commands that print them."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def send(
@@ -50,6 +57,8 @@ def send(
     as_json: JsonFlag = False,
 ) -> None:
     """Send a post to every active reader in a segment, each exactly once."""
+    import asyncio
+
     from mailer import db, sends
     from mailer.compose import Publication
     from mailer.delivery.dkim import signer_from_settings
@@ -72,7 +81,7 @@ def send(
             session, post, segment, Publication.from_settings(config), scheduled_at=scheduled_at
         )
     reach = draft.audience
-    _err.print(
+    _err().print(
         f"{post.title!r} to {segment!r}: {reach.total} readers "
         f"({reach.free} get the free variant, {reach.paid} the paid one)"
         + (f", at {scheduled_at.isoformat()}" if scheduled_at else "")
@@ -83,7 +92,7 @@ def send(
     with db.session(engine()) as session:
         planned = sends.plan(session, draft, batch_size=config.batch_size)
     send_id = planned.send_id
-    _err.print(f"send {send_id} created")
+    _err().print(f"send {send_id} created")
     if planned.batches:
         _dispatch(config, send_id, planned.batches, show_progress=wait or not as_json)
     if wait and scheduled_at:
@@ -122,9 +131,9 @@ def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
     from mailer.delivery.dispatch import broker_answers
 
     if broker_answers(config.broker_url):
-        _err.print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
+        _err().print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
         return
-    _err.print(f"send {send_id} is scheduled for {at.isoformat()}: waiting here to send it")
+    _err().print(f"send {send_id} is scheduled for {at.isoformat()}: waiting here to send it")
     time.sleep(max((at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
     with db.session(engine()) as session:
         batches = sends.start(session, send_id)
@@ -159,10 +168,10 @@ def _dispatch(
         batches,
         enqueue=lambda send_id, batches: find_workers().enqueue(engine(), send_id, batches),
         progress=progress.update if progress else lambda: None,
-        notice=_err.print,
+        notice=_err().print,
     )
     if where == "queued" and not find_workers().answering(timeout=1.0):
-        _err.print("[yellow]no worker answered: batches wait until one starts[/]")
+        _err().print("[yellow]no worker answered: batches wait until one starts[/]")
     elif progress:
         progress.close()
 
@@ -183,7 +192,7 @@ class _Progress:
                 "failed {task.fields[failed]} · {task.fields[rate]}/s"
             ),
             TimeRemainingColumn(),
-            console=_err,
+            console=_err(),
         )
         self.task = self.bar.add_task(
             "", total=None, send=send_id, sent=0, deferred=0, failed=0, rate=0
@@ -224,9 +233,9 @@ _COUNTS_EVERY_S = 1.0
 def _wait(send_id: int) -> None:
     progress = _Progress(send_id)
     # Off a terminal the bar is only drawn when it stops: no counts to read until then.
-    every = _COUNTS_EVERY_S if _err.is_terminal else math.inf
+    every = _COUNTS_EVERY_S if _err().is_terminal else math.inf
     counted = time.monotonic()
-    if _err.is_terminal:
+    if _err().is_terminal:
         progress.update()  # the bar from the start, not after the first interval
     try:
         while _status(send_id) not in _TERMINAL:
@@ -337,7 +346,7 @@ def start(
     if info.status not in ("scheduled", "missed"):
         raise InputError(f"send {send_id} is {info.status}; only a scheduled or missed send starts")
     when = _shown(info.scheduled_at) if info.scheduled_at else "no time"
-    _err.print(
+    _err().print(
         f"send {send_id}: {info.title!r} to {info.recipients} readers, {info.status}: {when}"
     )
     _confirm("Send it now?", yes)

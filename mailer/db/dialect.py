@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -32,11 +32,13 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from mailer.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 Bind = Engine | Connection | Session
 UPGRADE_LOCK = 0x6D61696C  # "mail": the advisory lock key `migrating` holds on PostgreSQL
@@ -118,8 +120,15 @@ def driver_cursor(conn: Connection) -> Any:
 
 def insert(bind: Bind, table: Any) -> postgresql.Insert | sqlite.Insert:
     """An INSERT into ``table`` (a Table or a mapped class) that can take ON CONFLICT."""
-    # SQLAlchemy has ON CONFLICT only per dialect; both of ours speak it the same way.
-    return postgresql.insert(table) if is_postgresql(bind) else sqlite.insert(table)
+    # SQLAlchemy has ON CONFLICT only per dialect; both of ours speak it the same way. Each
+    # dialect is imported where it is used: PostgreSQL's costs a SQLite command ~30 ms.
+    if is_postgresql(bind):
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table)
 
 
 def lock_for_writing(conn: Connection, table: Table) -> None:

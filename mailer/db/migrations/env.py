@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
-from sqlalchemy import JSON, Connection
+from sqlalchemy import Connection
 
-from mailer.db.models import Base, UtcDateTime
+from mailer.db.models import Base, JsonDocument, UtcDateTime
 
 config = context.config
 
@@ -21,7 +21,7 @@ def _render_item(kind: str, obj: Any, autogen_context: AutogenContext) -> str | 
     # written out as the plain SQLAlchemy types they store as.
     if kind == "type" and isinstance(obj, UtcDateTime):
         return "sa.DateTime(timezone=True)"
-    if kind == "type" and isinstance(obj, JSON):  # every JSON column is models.Json
+    if kind == "type" and isinstance(obj, JsonDocument):
         autogen_context.imports.add("from sqlalchemy.dialects import postgresql")
         return "sa.JSON().with_variant(postgresql.JSONB(), 'postgresql')"
     return False
