@@ -114,7 +114,9 @@ def test_a_send_due_while_the_worker_is_busy_starts_on_time_once_with_two_beats(
             start_beat(processes, env, directory / "beat.log")
         run_mailer(env, tmp_path, "send", "busy", "--segment", "all", "--yes")
         smtp.handler.wait_for(20, timeout=30)  # the worker is busy now
-        at = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=5)
+        # Far enough ahead that the command still finds it in the future on a loaded machine
+        # (with 5 s, one CI run's `mailer send` started too late); the busy send lasts ~25 s.
+        at = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=10)
         due = int(
             run_mailer(
                 env,
