@@ -33,6 +33,7 @@ from helpers import DEV
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from mailer import db
+from mailer.db.models import Base
 
 ADMIN_URL = make_url(
     os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -131,7 +132,7 @@ def migrated_postgres(pg_admin: Engine) -> Iterator[str]:
 def _emptied(admin: Engine, name: str) -> None:
     """Every row of the migrated database gone, its ids starting again at 1: as new."""
     with admin.connect() as conn:
-        # A connection the last test leaked must not hold a lock the TRUNCATE waits for.
+        # A connection the last test leaked must not hold a lock the DELETEs wait for.
         conn.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -142,13 +143,22 @@ def _emptied(admin: Engine, name: str) -> None:
     engine = create_engine(_pg_url(name), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
-            tables = conn.scalar(
+            sequences = conn.scalars(
                 text(
-                    "SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables "
-                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                    "SELECT format('%I', sequencename) FROM pg_sequences "
+                    "WHERE schemaname = 'public'"
+                )
+            ).all()
+            # DELETE, not TRUNCATE: on a test's few rows ~20 ms, where TRUNCATE takes ~135 ms
+            # (new files for every table and index). Referencing tables first.
+            conn.exec_driver_sql(
+                "; ".join(
+                    [
+                        *(f'DELETE FROM "{t.name}"' for t in reversed(Base.metadata.sorted_tables)),
+                        *(f"ALTER SEQUENCE {sequence} RESTART" for sequence in sequences),
+                    ]
                 )
             )
-            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     finally:
         engine.dispose()
 
