@@ -55,7 +55,12 @@ def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
             rows.writerow(["email", "name", "tier", "tags"])
             for i in range(READERS):
                 rows.writerow(
-                    [f"r{i}@example.org", "", ("free", "paid")[i % 2], "politics" * (i % 3 == 0)]
+                    [
+                        f"r{i}@example.org",
+                        "",
+                        ("free", "paid")[i % 2],
+                        "politics" if i % 3 == 0 else "",
+                    ]
                 )
         mailer = str(BIN / "mailer")
         subprocess.run(
