@@ -417,6 +417,18 @@ def finish_if_done(session: Session, send_id: int) -> bool:
     return True
 
 
+def finish_all_done(session: Session) -> list[int]:
+    """``finish_if_done`` for every sending send: the worker that ran a send's last batch may
+    have died before it could mark the send done, and no batch is left to run and do it."""
+    pending = (
+        select(DeliveryRow.id)
+        .where(DeliveryRow.send_id == SendRow.id, DeliveryRow.state.in_(UNFINISHED))
+        .exists()
+    )
+    finished = session.scalars(select(SendRow.id).where(SendRow.status == "sending", ~pending))
+    return [send_id for send_id in list(finished) if finish_if_done(session, send_id)]
+
+
 def _named(session: Session, send_id: int) -> str:
     """How logs name a send: its id and its post's slug."""
     _, slug, _ = with_post(session, send_id)

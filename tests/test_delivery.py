@@ -37,6 +37,7 @@ from mailer.db.models import (
     utcnow,
 )
 from mailer.delivery import runner
+from mailer.delivery.ledger import SqlLedger
 from mailer.delivery.runner import Runtime, next_run, run_inline
 from mailer.delivery.smtp import SmtpPool
 from mailer.errors import TransientDeliveryError
@@ -396,6 +397,33 @@ def test_a_batch_no_live_run_holds_is_stalled_once_its_next_run_is_overdue(setup
             .order_by(SendBatchRow.batch_no)
         )
         assert list(owners) == [None, None, "alive", None]
+
+
+def test_a_released_batch_is_stalled_unless_its_next_run_is_noted_within_a_lease(
+    setup: Setup,
+) -> None:
+    # A worker killed between releasing the batch and noting its next run (and whose task the
+    # broker keeps for hours) leaves it to the reconciler, a lease later.
+    send_id = setup.create_send(setup.settings(0))
+    ledger = SqlLedger(setup.engine, send_id, 0, lease=0.0, patience=0.0)
+    assert ledger.acquire() == ("taken", 0.0)
+    ledger.release()
+    ledger.close()
+    with db.session(setup.engine) as session:
+        assert sends.stalled_batches(session) == [(send_id, 0)]
+        sends.expect_run(session, send_id, 0, within=dt.timedelta(hours=1))
+        assert sends.stalled_batches(session) == []
+
+
+def test_the_reconciler_marks_done_a_send_whose_last_run_died_before_it_could(
+    setup: Setup,
+) -> None:
+    done, unfinished = (setup.create_send(setup.settings(0)) for _ in range(2))
+    with db.session(setup.engine) as session:
+        session.execute(update(DeliveryRow).where(DeliveryRow.send_id == done).values(state="sent"))
+        assert sends.finish_all_done(session) == [done]
+        assert sends.finish_all_done(session) == []
+    assert (setup.info(done).status, setup.info(unfinished).status) == ("done", "sending")
 
 
 def test_messages_in_flight_at_a_crash_become_unknown_and_are_not_resent(setup: Setup) -> None:

@@ -414,3 +414,83 @@ def test_a_worker_killed_holding_a_batch_s_next_run(
         client.close()
         accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
     assert accepted == Counter(readers), "each reader got exactly one message"
+
+
+# Where a worker can die between two writes of its own: a trigger holds the second write (it
+# sleeps inside it) until the test has SIGKILLed the worker; the write then dies with it.
+HELD_WRITES = {
+    # sends.expect_run after the lease's release: the batch's deferred readers are due later.
+    "after releasing a batch, before noting its next run": (
+        "send_batches",
+        "OLD.lease_owner IS NULL AND NEW.lease_owner IS NULL",
+    ),
+    # sends.finish_if_done after the last batch ended: no reader is left to run it again.
+    "after the last reader, before marking the send done": ("sends", "NEW.status = 'done'"),
+}
+# Only the first write that matches is held: a sequence, which the killed write's rollback
+# leaves as it is.
+HOLD = """
+CREATE SEQUENCE held;
+CREATE FUNCTION hold_once() RETURNS trigger AS $$
+BEGIN
+    IF ({condition}) AND nextval('held') = 1 THEN PERFORM pg_sleep(300); END IF;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER hold_once BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION hold_once();
+"""
+UNHOLD = "DROP TRIGGER hold_once ON {table}; DROP FUNCTION hold_once(); DROP SEQUENCE held"
+HELD = "SELECT pid FROM pg_stat_activity WHERE datname = :name AND wait_event = 'PgSleep'"
+
+
+@pytest.mark.parametrize("db_url", [POSTGRES], indirect=True)
+@pytest.mark.parametrize("moment", list(HELD_WRITES))
+def test_a_worker_killed_between_two_writes(
+    engine: Engine, db_url: str, pg_admin: Engine, tmp_path: Path, moment: str
+) -> None:
+    """10. The worker is SIGKILLed between two writes, each of which leaves the ledger true,
+    with its task unacknowledged (the broker gives it back only after hours): the reconciler
+    of a new worker finishes the send."""
+    table, condition = HELD_WRITES[moment]
+    readers = add_readers(engine, 6)
+    (tmp_path / "post.md").write_text(POST)
+    name = {"name": make_url(db_url).database}
+    with engine.begin() as conn:
+        conn.execute(text(HOLD.format(table=table, condition=condition)))
+    try:
+        with (
+            RedisServer(tmp_path / "redis") as broker,
+            # Greylisted readers are deferred: the batch is released with a next run to note.
+            serve(greylist() if table == "send_batches" else None) as server,
+            Processes() as processes,
+            pg_admin.connect() as admin,
+        ):
+            env = environment(
+                db_url,
+                broker.url,
+                server.settings().port,
+                MAILER_RETRY_BACKOFF="5s",
+                MAILER_BATCH_LEASE="2s",
+            )
+            run_mailer(env, tmp_path, "posts", "add", "post.md")
+            first = start_worker(processes, env, tmp_path / "first.log", name="first")
+            send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
+            wait_until(lambda: admin.execute(text(HELD), name).first() is not None, timeout=30)
+            kill(first)
+            admin.execute(text(f"SELECT pg_terminate_backend(pid) FROM ({HELD}) held"), name)
+            client = redis.Redis.from_url(broker.url)
+            assert client.hlen("unacked") == 1, "the killed worker's task left the broker"
+            client.close()
+            start_worker(processes, env, tmp_path / "second.log", name="second")
+
+            def done() -> bool:
+                with db.session(engine) as session:
+                    return sends.status(session, send_id) == "done"
+
+            wait_until(done, timeout=60)
+            accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(UNHOLD.format(table=table)))
+    assert accepted == Counter(readers), "each reader got exactly one message"
+    with db.session(engine) as session:
+        assert sends.show(session, send_id).counts["sent"] == len(readers)

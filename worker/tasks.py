@@ -127,17 +127,20 @@ def _announce(send_id: int) -> None:
 # Acknowledged on receipt, so that its own message is not among the broker's unacknowledged.
 @app.task(name="mailer.reconcile", acks_late=False)  # type: ignore[untyped-decorator]
 def reconcile() -> int:
-    """Enqueue the batches that nothing would run otherwise.
+    """Enqueue the batches that nothing would run otherwise; mark done the sends that are.
 
-    Those whose worker died holding them (their lease expired unreleased): their own task
-    message may wait out the broker's visibility timeout (hours) before it comes back. And, when
-    the broker holds no task at all, every batch with readers due that no run holds: its task was
-    lost (Redis restarted without persistence) or never published (the broker was away).
-    Every worker asks for this a lease after it starts, then every half minute.
+    Batches whose worker died holding them (their lease expired unreleased) or before noting
+    their next run: their own task message may wait out the broker's visibility timeout
+    (hours) before it comes back. And, when the broker holds no task at all, every batch with
+    readers due that no run holds: its task was lost (Redis restarted without persistence) or
+    never published (the broker was away). Sends whose last batch's worker died before marking
+    them done are marked done. Every worker asks for this a lease after it starts, then every
+    half minute.
     """
     orphans = _broker_holds_no_task()
     with db.session(runtime().engine) as session:
         stalled = sends.stalled_batches(session, orphans=orphans)
+        sends.finish_all_done(session)
     if stalled:
         log.warning("reconciler: enqueuing %d batches that nothing would run", len(stalled))
     by_send: dict[int, list[int]] = {}

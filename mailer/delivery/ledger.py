@@ -174,7 +174,11 @@ _ALREADY_CLAIMED = select(DeliveryRow.id).where(
     _HOLDER.exists(),
 )
 _RENEW = update(SendBatchRow).where(_LEASE_HELD).values(lease_until=bindparam("b_until"))
-_RELEASE = update(SendBatchRow).where(_LEASE_HELD).values(lease_owner=None, lease_until=None)
+_RELEASE = (
+    update(SendBatchRow)
+    .where(_LEASE_HELD)
+    .values(lease_owner=None, lease_until=bindparam("b_until"))
+)
 _STATUS = select(SendRow.status).where(SendRow.id == bindparam("b_send"))
 _ROW = DeliveryRow.id == bindparam("rid")
 
@@ -302,7 +306,14 @@ class SqlLedger:
         return self._once(work)
 
     def release(self) -> None:
-        self._patiently(lambda conn, *, retrying: conn.execute(_RELEASE, self._key))
+        """Let the batch go. It counts stalled once a lease has passed, unless its next run is
+        noted first (``sends.expect_run``): a worker killed between the two would otherwise
+        leave deferred readers that nothing runs until the broker's visibility timeout."""
+        self._patiently(
+            lambda conn, *, retrying: conn.execute(
+                _RELEASE, {**self._key, "b_until": utcnow() + self.lease}
+            )
+        )
 
     def reconcile_in_flight(self) -> int:
         """Rows left ``sending`` by a dead run: the server may have them, so never resend."""
