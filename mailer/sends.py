@@ -213,12 +213,12 @@ def send_test(settings: Settings, post: Post, address: str) -> SentTest:
                     send_id=PREVIEW_SEND_ID,
                     signer=signer,
                     tracker_url=settings.tracker_url,
+                    dkim=dkim,
                 )
-                message = personaliser.personalise(recipient)
                 outcomes[variant] = await pool.send(
                     personaliser.envelope_sender(recipient),
                     address,
-                    dkim.sign(message) if dkim else message,
+                    personaliser.personalise(recipient),
                 )
         return outcomes
 

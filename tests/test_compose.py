@@ -9,12 +9,17 @@ import html
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
 
+import dkim
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailer.compose import GMAIL_CLIP_BYTES, Composition, MessageTemplate, Publication, compose
+from mailer.delivery.dkim import DkimKey, DkimSigner, dns_record, generate_key
 from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import Post, parse_post, parse_post_text
 from mailer.tokens import Kind, Signer, Token
@@ -277,3 +282,45 @@ def test_merge_tags_and_forged_markers() -> None:
 
 def test_markers_never_collide_between_compositions(sample: Post) -> None:
     assert compose(sample, PUB).paid.nonce != compose(sample, PUB).paid.nonce
+
+
+KEYS = [
+    DkimKey("example.com", "r", generate_key()),
+    DkimKey("example.com", "e", generate_key(True)),
+]
+WHITESPACE_LINES = [
+    "Hello {{ name }},  two  spaces  and trailing ones   ",
+    "\tA tab\tin\tthe middle\t",
+    "    an indented code block  \t ",
+    "A [link](https://example.com/a?b=c&d=e)  and **bold**\t text",
+    "* an item  with  runs ",
+    "   ",
+    "",
+    "Ends with {{ name }}",
+    "{{ email }}   ",
+]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(st.sampled_from(WHITESPACE_LINES), min_size=1, max_size=12),
+    name=st.one_of(st.none(), st.text(st.sampled_from(" \t\u00a0aZé-'\"<>&=?"), max_size=20)),
+    tracker_url=st.sampled_from(["https://t.example.com", "https://t.example.com/x?a=b&c=d"]),
+)
+def test_every_signed_message_verifies_whatever_its_whitespace(
+    lines: list[str], name: str | None, tracker_url: str
+) -> None:
+    # Each body's relaxed form is made from the template's pieces, made relaxed once, with
+    # the reader's values between them; dkimpy makes it from the whole message.
+    text = "\n".join(["Dear {{ name }},", *lines])
+    post = parse_post_text(f"---\ntitle: Runs  of  spaces\n---\n\n{text}\n", "post.md")
+    composition = compose(post, replace(PUB, tracker_url=tracker_url))
+    published = {f"{n}.".encode(): v.encode() for n, v in map(dns_record, KEYS)}
+    for template in (composition.free, composition.paid):
+        personaliser = Personaliser(
+            template, send_id=5, signer=SIGNER, tracker_url=tracker_url, dkim=DkimSigner(KEYS)
+        )
+        message = personaliser.personalise(Recipient(7, "ana@example.com", name))
+        verifier = dkim.DKIM(message)
+        assert verifier.verify(idx=0, dnsfunc=lambda n, timeout=5: published.get(n))
+        assert verifier.verify(idx=1, dnsfunc=lambda n, timeout=5: published.get(n))

@@ -285,7 +285,11 @@ class _Run:
         signer = Signer(self.policy.secret_keys)
         self.personalisers = {
             variant: Personaliser(
-                template, send_id=self.send_id, signer=signer, tracker_url=self.policy.tracker_url
+                template,
+                send_id=self.send_id,
+                signer=signer,
+                tracker_url=self.policy.tracker_url,
+                dkim=self.dkim,
             )
             for variant, template in templates.items()
         }
@@ -323,8 +327,6 @@ class _Run:
             recipient = Recipient(row.subscriber_id, row.email, row.name)
             message_id = personaliser.message_id(recipient)
             message = personaliser.personalise(recipient)
-            if self.dkim is not None:
-                message = self.dkim.sign(message)
             envelope = personaliser.envelope_sender(recipient)
         except Exception as exc:
             self.record(Record("requeued", row, f"not sent: {exc}"))

@@ -12,9 +12,12 @@ import html
 import re
 from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, parseaddr
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mailer.tokens import Kind, SendSigner, Signer, varint
+
+if TYPE_CHECKING:
+    from mailer.delivery.dkim import DkimSigner  # cryptography: only where it signs
 
 NAME_FALLBACK = "reader"
 _URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url", "view_url"})
@@ -61,6 +64,30 @@ def _header(head: str, name: str) -> str:
     return found.group(1)
 
 
+def _relaxed_body(
+    skeleton: list[bytes], positions: dict[tuple[str, str], list[int]], dkim: DkimSigner
+) -> tuple[int, list[bytes]] | None:
+    """Where the body's values start in ``skeleton``, and DKIM's relaxed form of the body's
+    literal pieces: made once, so that per recipient only the values go between them.
+
+    Values in the body are URLs, or quoted-printable with every space encoded: non-empty, no
+    whitespace. A header's token in the body (a date, a name and address: spaces) would break
+    that: None, and each body is made relaxed whole.
+    """
+    head_end = next((i for i, piece in enumerate(skeleton) if b"\r\n\r\n" in piece), None)
+    if head_end is None:
+        return None
+    if any(ctx == "h" and max(where) > head_end for (ctx, _), where in positions.items()):
+        return None
+    first = skeleton[head_end].partition(b"\r\n\r\n")[2]
+    pieces = dkim.relaxed_pieces([first, *skeleton[head_end + 2 :: 2]])
+    if pieces is None:
+        return None
+    body = [b""] * (len(pieces) * 2 - 1)  # as the skeleton: each value's place between two
+    body[0::2] = pieces
+    return head_end + 1, body
+
+
 class Personaliser:
     """Turns one ``MessageTemplate`` into the bytes each recipient gets."""
 
@@ -72,6 +99,7 @@ class Personaliser:
         signer: Signer,
         tracker_url: str,
         now: dt.datetime | None = None,
+        dkim: DkimSigner | None = None,
     ) -> None:
         parts = re.split(f"@@{template.nonce}:([htm]):([a-z0-9_]+)@@".encode(), template.mime)
         # The output list: literal pieces at even positions, each token's value at the odd ones.
@@ -104,6 +132,8 @@ class Personaliser:
             f"@@{template.nonce}:h:ids@@", f"{send_id}.{{subscriber}}"
         )
         self._bounce_domain = parseaddr(_header(head, "From"))[1].rpartition("@")[2]
+        self._dkim = dkim
+        self._relaxed = _relaxed_body(self._skeleton, positions, dkim) if dkim else None
 
     def message_id(self, recipient: Recipient) -> str:
         """The Message-ID this recipient's message carries: the same on every retry."""
@@ -138,6 +168,20 @@ class Personaliser:
         return values
 
     def personalise(self, recipient: Recipient) -> bytes:
+        """The recipient's message, DKIM-signed if the personaliser was given a signer."""
+        out = self._filled(recipient)
+        message = b"".join(out)
+        if self._dkim is None:
+            return message
+        relaxed = None
+        if self._relaxed is not None:
+            values_from, pieces = self._relaxed
+            body = pieces.copy()
+            body[1::2] = out[values_from::2]
+            relaxed = b"".join(body)
+        return self._dkim.sign(message, relaxed_body=relaxed)
+
+    def _filled(self, recipient: Recipient) -> list[bytes]:
         values = self.values(recipient)
         out = self._skeleton.copy()
         for name, where in self._as_is.items():
@@ -149,4 +193,4 @@ class Personaliser:
             value = _qp((html.escape(raw) if ctx == "m" else raw).encode())
             for i in where:
                 out[i] = value
-        return b"".join(out)
+        return out
