@@ -23,7 +23,6 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     case,
-    false,
     func,
     insert,
     literal,
@@ -514,14 +513,13 @@ def _span(delta: dt.timedelta) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def stalled_batches(session: Session, *, orphans: bool = False) -> list[tuple[int, int]]:
-    """(send, batch) pairs of sending sends that no live run holds and nothing else would run.
+def stalled_batches(session: Session, *, never_run: bool = False) -> list[tuple[int, int]]:
+    """(send, batch) pairs of sending sends that no live run holds and no next run is noted for.
 
-    Always: a ``lease_until`` passed with readers left: a lease that expired unreleased (its
-    worker died), or a released batch whose next run is overdue (``expect_run``: its countdown
-    task died with the worker that held it). With
-    ``orphans`` (the caller knows that no task exists anywhere), also every batch nobody holds
-    with readers due now: its task was lost with the broker's data, or never published.
+    A ``lease_until`` passed with readers left: a lease that expired unreleased (its worker
+    died), or a released batch whose next run is overdue (``expect_run``: its countdown task
+    died with the worker that held it). With ``never_run``, also every batch that never ran
+    with readers due: the caller leaves out those the broker holds a task for.
     """
     now = utcnow()
 
@@ -537,16 +535,15 @@ def stalled_batches(session: Session, *, orphans: bool = False) -> list[tuple[in
         )
 
     stalled = (SendBatchRow.lease_until < now) & rows_where(DeliveryRow.state.in_(UNFINISHED))
-    orphaned = SendBatchRow.lease_owner.is_(None) & rows_where(due(now)) if orphans else false()
-    return [
-        (send_id, batch_no)
-        for send_id, batch_no in session.execute(
-            select(SendBatchRow.send_id, SendBatchRow.batch_no)
-            .join(SendRow, SendRow.id == SendBatchRow.send_id)
-            .where(SendRow.status == "sending", stalled | orphaned)
-            .order_by(SendBatchRow.send_id, SendBatchRow.batch_no)
-        )
-    ]
+    if never_run:
+        stalled |= SendBatchRow.lease_until.is_(None) & rows_where(due(now))
+    found = session.execute(
+        select(SendBatchRow.send_id, SendBatchRow.batch_no)
+        .join(SendRow, SendRow.id == SendBatchRow.send_id)
+        .where(SendRow.status == "sending", stalled)
+        .order_by(SendBatchRow.send_id, SendBatchRow.batch_no)
+    )
+    return [(send_id, batch_no) for send_id, batch_no in found]
 
 
 def status(session: Session, send_id: int) -> SendStatus:

@@ -23,6 +23,7 @@ PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from helpers import run_mailer
 from smtp_servers import Outage, SmtpServer, greylist, serve, wait_until
 from sqlalchemy import Engine, make_url, select, text
@@ -494,3 +496,48 @@ def test_a_worker_killed_between_two_writes(
     assert accepted == Counter(readers), "each reader got exactly one message"
     with db.session(engine) as session:
         assert sends.show(session, send_id).counts["sent"] == len(readers)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_send_s_tasks_lost_while_the_broker_holds_other_work(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """11. The send's batch tasks are published, then lost (Redis restarted without
+    persistence) before any worker took them, and the broker holds other work: a task held for
+    ten minutes. The reconciler of the worker that then starts enqueues the lost batches: it
+    does not wait for the broker to be empty."""
+    readers = add_readers(engine, 6)
+    (tmp_path / "post.md").write_text(POST)
+    with (
+        RedisServer(tmp_path / "redis") as broker,
+        serve() as server,
+        Processes() as processes,
+    ):
+        env = environment(
+            db_url,
+            broker.url,
+            server.settings().port,
+            MAILER_BATCH_SIZE="2",
+            MAILER_BATCH_LEASE="2s",
+        )
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
+        client = redis.Redis.from_url(broker.url)
+        assert client.llen("celery") == 3, "one task per batch, waiting for a worker"
+        client.close()
+        broker.stop()
+        broker.start()
+        Celery(broker=broker.url).send_task("mailer.ping", countdown=600)
+        start_worker(processes, env, tmp_path / "worker.log")
+
+        def done() -> bool:
+            with db.session(engine) as session:
+                return sends.status(session, send_id) == "done"
+
+        wait_until(done, timeout=30)
+        client = redis.Redis.from_url(broker.url)
+        held = [json.loads(entry)[0]["headers"]["task"] for entry in client.hvals("unacked")]
+        assert "mailer.ping" in held, "the other work is still held"
+        client.close()
+        accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
+    assert accepted == Counter(readers), "each reader got exactly one message"

@@ -12,7 +12,10 @@ a worker that is shutting down is enqueued again as new work.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import time
 from collections.abc import Iterable
 from multiprocessing.sharedctypes import RawValue
 from typing import Any, ClassVar
@@ -127,20 +130,24 @@ def _announce(send_id: int) -> None:
 # Acknowledged on receipt, so that its own message is not among the broker's unacknowledged.
 @app.task(name="mailer.reconcile", acks_late=False)  # type: ignore[untyped-decorator]
 def reconcile() -> int:
-    """Enqueue the batches that nothing would run otherwise; mark done the sends that are.
+    """Enqueue the batches that nothing would run otherwise; mark done the finished sends.
 
     Batches whose worker died holding them (their lease expired unreleased) or before noting
-    their next run: their own task message may wait out the broker's visibility timeout
-    (hours) before it comes back. And, when the broker holds no task at all, every batch with
-    readers due that no run holds: its task was lost (Redis restarted without persistence) or
-    never published (the broker was away). Sends whose last batch's worker died before marking
-    them done are marked done. Every worker asks for this a lease after it starts, then every
-    half minute.
+    their next run, and batches never run whose task was lost (Redis restarted without
+    persistence), never published (the broker was away) or taken by a worker that died: the
+    broker gives a dead worker's tasks back only after its visibility timeout (hours). A batch
+    whose task waits in the queue is left to it. Sends whose last batch's worker died before
+    marking them done are marked done. Every worker asks for this a lease after it starts,
+    then every half minute.
     """
-    orphans = _broker_holds_no_task()
+    # None where the broker cannot be looked into: then only what the ledger alone tells.
+    tasks = _batches_with_a_task(runtime().policy.lease)
     with db.session(runtime().engine) as session:
-        stalled = sends.stalled_batches(session, orphans=orphans)
+        found = sends.stalled_batches(session, never_run=tasks is not None)
         sends.finish_all_done(session)
+    # A send started since the broker was read may find its batches enqueued twice: harmless,
+    # as the lease makes a second copy of a batch wait.
+    stalled = [batch for batch in found if batch not in (tasks or ())]
     if stalled:
         log.warning("reconciler: enqueuing %d batches that nothing would run", len(stalled))
     by_send: dict[int, list[int]] = {}
@@ -148,24 +155,44 @@ def reconcile() -> int:
         by_send.setdefault(send_id, []).append(batch_no)
     for send_id, batches in by_send.items():
         enqueue(runtime().engine, send_id, batches)
-        for batch_no in batches:  # not enqueued again at every tick while the queue is long
+        for batch_no in batches:  # a lease of grace before it counts stalled again
             runtime().expect_next_run(send_id, batch_no, 0.0)
     return len(stalled)
 
 
-def _broker_holds_no_task() -> bool:
-    """True when the broker's Redis holds no task, queued or delivered and unacknowledged.
-
-    Then no batch task exists anywhere (a running one is unacknowledged until it ends), so a
-    batch with readers due and no lease is orphaned. Only the Redis transport is looked into.
+def _batches_with_a_task(lease: float) -> set[tuple[int, int]] | None:
+    """The batches the broker holds a task for that will run: one waiting in the queue, or
+    one a worker took less than a lease ago. A task taken longer ago whose batch no run holds
+    is presumed held by a worker that died: the broker gives it back only after its
+    visibility timeout (hours). None where the broker is not Redis: it cannot be looked into.
     """
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         client = getattr(channel, "client", None)
         if client is None or not hasattr(channel, "unacked_key"):
-            return False
-        queued = client.llen(app.conf.task_default_queue)
-        return bool(queued == 0 and client.hlen(channel.unacked_key) == 0)
+            return None
+        queued = client.lrange(app.conf.task_default_queue, 0, -1)
+        taken = client.zrangebyscore(channel.unacked_index_key, time.time() - lease, "+inf")
+        held = client.hmget(channel.unacked_key, taken) if taken else []
+    found = [_batch_of(raw) for raw in queued]
+    found += [_batch_of(raw, unacked=True) for raw in held if raw]
+    return {batch for batch in found if batch is not None}
+
+
+def _batch_of(raw: bytes, *, unacked: bool = False) -> tuple[int, int] | None:
+    """(send, batch) of a ``deliver_batch`` task's message (Celery's protocol 2), else None.
+    An unacknowledged entry is [message, exchange, routing key]."""
+    try:
+        message = json.loads(raw)[0] if unacked else json.loads(raw)
+        if message["headers"].get("task") != deliver_batch.name:
+            return None
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        send_id, batch_no = json.loads(body)[0]
+        return int(send_id), int(batch_no)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):  # not one of ours
+        return None
 
 
 def enqueue(engine: Engine, send_id: int, batches: Iterable[int]) -> None:
