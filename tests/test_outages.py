@@ -39,13 +39,14 @@ import pytest
 import redis
 from celery import Celery
 from helpers import run_mailer
-from smtp_servers import Outage, SmtpServer, greylist, serve, wait_until
+from smtp_servers import Outage, Recorder, SmtpServer, greylist, serve, wait_until
 from sqlalchemy import Engine, make_url, select, text
 from sqlalchemy.exc import OperationalError
 from workers import Processes, RedisServer, add_readers, environment, kill, start_beat, start_worker
 
 from mailer import db, sends
 from mailer.db.models import DeliveryRow, SubscriberRow
+from mailer.vocabulary import DeliveryState
 
 pytestmark = [pytest.mark.outage, pytest.mark.subprocess]
 
@@ -370,6 +371,58 @@ def test_sigterm_then_sigkill_then_new_worker(engine: Engine, db_url: str, tmp_p
         assert exited_after is not None, r.report("the worker ignored SIGTERM for 10 s")
 
 
+@dataclass
+class Small:
+    """Six readers, the post, and a broker and an SMTP server of the test's own: for the
+    scenarios that break things at one chosen moment, with workers started by the test."""
+
+    engine: Engine
+    tmp_path: Path
+    readers: list[str]
+    broker: RedisServer
+    server: SmtpServer
+    processes: Processes
+    env: dict[str, str]
+
+    def worker(self, name: str) -> subprocess.Popen[bytes]:
+        return start_worker(self.processes, self.env, self.tmp_path / f"{name}.log", name=name)
+
+    def send(self) -> int:
+        return int(run_mailer(self.env, self.tmp_path, "send", SLUG, "--segment", "all", "--yes"))
+
+    def counts(self, send_id: int) -> dict[DeliveryState, int]:
+        with db.session(self.engine) as session:
+            return sends.show(session, send_id).counts
+
+    def wait_done(self, send_id: int, timeout: float) -> None:
+        def done() -> bool:
+            with db.session(self.engine) as session:
+                return sends.status(session, send_id) == "done"
+
+        wait_until(done, timeout=timeout)
+
+    def check(self, send_id: int) -> None:
+        accepted = Counter(m.rcpt_tos[0] for m in self.server.handler.messages)
+        assert accepted == Counter(self.readers), "each reader got exactly one message"
+        assert self.counts(send_id)["sent"] == len(self.readers)
+
+
+@contextlib.contextmanager
+def small(
+    engine: Engine, db_url: str, tmp_path: Path, handler: Recorder | None = None, **settings: str
+) -> Iterator[Small]:
+    readers = add_readers(engine, 6)
+    (tmp_path / "post.md").write_text(POST)
+    with (
+        RedisServer(tmp_path / "redis") as broker,
+        serve(handler) as server,
+        Processes() as processes,
+    ):
+        env = environment(db_url, broker.url, server.settings().port, **settings)
+        run_mailer(env, tmp_path, "posts", "add", "post.md")
+        yield Small(engine, tmp_path, readers, broker, server, processes, env)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_worker_killed_holding_a_batch_s_next_run(
     engine: Engine, db_url: str, tmp_path: Path
@@ -378,44 +431,24 @@ def test_a_worker_killed_holding_a_batch_s_next_run(
     countdown) in the worker; the worker is SIGKILLed while it holds it. The task stays in the
     broker's unacknowledged hash until the visibility timeout (hours); the reconciler of a new
     worker runs the batch once its next run is overdue."""
-    readers = add_readers(engine, 6)
-    (tmp_path / "post.md").write_text(POST)
-    with (
-        RedisServer(tmp_path / "redis") as broker,
-        serve(greylist()) as server,
-        Processes() as processes,
-    ):
-        env = environment(
-            db_url,
-            broker.url,
-            server.settings().port,
-            # The next run is held for this long: the window in which the worker is killed.
-            MAILER_RETRY_BACKOFF="15s",
-            MAILER_BATCH_LEASE="2s",
-        )
-        run_mailer(env, tmp_path, "posts", "add", "post.md")
-        first = start_worker(processes, env, tmp_path / "first.log", name="first")
-        send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
-        client = redis.Redis.from_url(broker.url)
+    # The next run is held for 15 s: the window in which the worker is killed.
+    settings = {"MAILER_RETRY_BACKOFF": "15s", "MAILER_BATCH_LEASE": "2s"}
+    with small(engine, db_url, tmp_path, greylist(), **settings) as s:
+        first = s.worker("first")
+        send_id = s.send()
+        client = redis.Redis.from_url(s.broker.url)
 
         def holding_the_next_run() -> bool:
-            with db.session(engine) as session:
-                info = sends.show(session, send_id)
-            return info.counts.get("deferred") == len(readers) and client.hlen("unacked") == 1
+            deferred = s.counts(send_id)["deferred"]
+            return deferred == len(s.readers) and client.hlen("unacked") == 1
 
         wait_until(holding_the_next_run, timeout=30)
         kill(first)
         assert client.hlen("unacked") == 1, "the killed worker's next run left the broker"
-        start_worker(processes, env, tmp_path / "second.log", name="second")
-
-        def done() -> bool:
-            with db.session(engine) as session:
-                return sends.status(session, send_id) == "done"
-
-        wait_until(done, timeout=90)
         client.close()
-        accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
-    assert accepted == Counter(readers), "each reader got exactly one message"
+        s.worker("second")
+        s.wait_done(send_id, timeout=90)
+        s.check(send_id)
 
 
 # Where a worker can die between two writes of its own: a trigger holds the second write (it
@@ -453,49 +486,31 @@ def test_a_worker_killed_between_two_writes(
     with its task unacknowledged (the broker gives it back only after hours): the reconciler
     of a new worker finishes the send."""
     table, condition = HELD_WRITES[moment]
-    readers = add_readers(engine, 6)
-    (tmp_path / "post.md").write_text(POST)
     name = {"name": make_url(db_url).database}
+    # Greylisted readers are deferred: the batch is released with a next run to note.
+    handler = greylist() if table == "send_batches" else None
+    settings = {"MAILER_RETRY_BACKOFF": "5s", "MAILER_BATCH_LEASE": "2s"}
     with engine.begin() as conn:
         conn.execute(text(HOLD.format(table=table, condition=condition)))
     try:
         with (
-            RedisServer(tmp_path / "redis") as broker,
-            # Greylisted readers are deferred: the batch is released with a next run to note.
-            serve(greylist() if table == "send_batches" else None) as server,
-            Processes() as processes,
+            small(engine, db_url, tmp_path, handler, **settings) as s,
             pg_admin.connect() as admin,
         ):
-            env = environment(
-                db_url,
-                broker.url,
-                server.settings().port,
-                MAILER_RETRY_BACKOFF="5s",
-                MAILER_BATCH_LEASE="2s",
-            )
-            run_mailer(env, tmp_path, "posts", "add", "post.md")
-            first = start_worker(processes, env, tmp_path / "first.log", name="first")
-            send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
+            first = s.worker("first")
+            send_id = s.send()
             wait_until(lambda: admin.execute(text(HELD), name).first() is not None, timeout=30)
             kill(first)
             admin.execute(text(f"SELECT pg_terminate_backend(pid) FROM ({HELD}) held"), name)
-            client = redis.Redis.from_url(broker.url)
+            client = redis.Redis.from_url(s.broker.url)
             assert client.hlen("unacked") == 1, "the killed worker's task left the broker"
             client.close()
-            start_worker(processes, env, tmp_path / "second.log", name="second")
-
-            def done() -> bool:
-                with db.session(engine) as session:
-                    return sends.status(session, send_id) == "done"
-
-            wait_until(done, timeout=60)
-            accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
+            s.worker("second")
+            s.wait_done(send_id, timeout=60)
+            s.check(send_id)
     finally:
         with engine.begin() as conn:
             conn.execute(text(UNHOLD.format(table=table)))
-    assert accepted == Counter(readers), "each reader got exactly one message"
-    with db.session(engine) as session:
-        assert sends.show(session, send_id).counts["sent"] == len(readers)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -506,38 +521,18 @@ def test_a_send_s_tasks_lost_while_the_broker_holds_other_work(
     persistence) before any worker took them, and the broker holds other work: a task held for
     ten minutes. The reconciler of the worker that then starts enqueues the lost batches: it
     does not wait for the broker to be empty."""
-    readers = add_readers(engine, 6)
-    (tmp_path / "post.md").write_text(POST)
-    with (
-        RedisServer(tmp_path / "redis") as broker,
-        serve() as server,
-        Processes() as processes,
-    ):
-        env = environment(
-            db_url,
-            broker.url,
-            server.settings().port,
-            MAILER_BATCH_SIZE="2",
-            MAILER_BATCH_LEASE="2s",
-        )
-        run_mailer(env, tmp_path, "posts", "add", "post.md")
-        send_id = int(run_mailer(env, tmp_path, "send", SLUG, "--segment", "all", "--yes"))
-        client = redis.Redis.from_url(broker.url)
+    with small(engine, db_url, tmp_path, MAILER_BATCH_SIZE="2", MAILER_BATCH_LEASE="2s") as s:
+        send_id = s.send()
+        client = redis.Redis.from_url(s.broker.url)
         assert client.llen("celery") == 3, "one task per batch, waiting for a worker"
         client.close()
-        broker.stop()
-        broker.start()
-        Celery(broker=broker.url).send_task("mailer.ping", countdown=600)
-        start_worker(processes, env, tmp_path / "worker.log")
-
-        def done() -> bool:
-            with db.session(engine) as session:
-                return sends.status(session, send_id) == "done"
-
-        wait_until(done, timeout=30)
-        client = redis.Redis.from_url(broker.url)
+        s.broker.stop()
+        s.broker.start()
+        Celery(broker=s.broker.url).send_task("mailer.ping", countdown=600)
+        s.worker("worker")
+        s.wait_done(send_id, timeout=30)
+        client = redis.Redis.from_url(s.broker.url)
         held = [json.loads(entry)[0]["headers"]["task"] for entry in client.hvals("unacked")]
         assert "mailer.ping" in held, "the other work is still held"
         client.close()
-        accepted = Counter(m.rcpt_tos[0] for m in server.handler.messages)
-    assert accepted == Counter(readers), "each reader got exactly one message"
+        s.check(send_id)
