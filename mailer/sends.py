@@ -295,8 +295,11 @@ def start(session: Session, send_id: int) -> list[int]:
 
 
 def resume(session: Session, send_id: int) -> list[int]:
-    """Carry on a paused (or failed) send: ``sending``; the batches to enqueue."""
-    return _to_sending(session, send_id, ("paused", "failed"))
+    """Carry on a paused or failed send, or one left ``sending`` by a process that died (as a
+    send delivered without a broker is: no reconciler carries it on); the batches to enqueue.
+    Resuming a send still being delivered costs nothing: a batch's lease makes a second run of
+    it wait."""
+    return _to_sending(session, send_id, ("paused", "failed", "sending"))
 
 
 def _to_sending(
@@ -319,6 +322,11 @@ def reschedule(session: Session, send_id: int, at: dt.datetime) -> None:
 
 def pause(session: Session, send_id: int) -> None:
     _transition(session, send_id, ("sending",), "paused")
+
+
+def pause_if_sending(session: Session, send_id: int) -> bool:
+    """Pause the send unless it has ended (or was paused) meanwhile; True if it was paused."""
+    return _try_status(session, send_id, "sending", "paused")
 
 
 def cancel(session: Session, send_id: int) -> None:
@@ -607,9 +615,8 @@ def _transition(
 ) -> None:
     current = status(session, send_id)
     if current not in allowed:
-        raise InputError(
-            f"send {send_id} is {current}; it can become {new} only when " + " or ".join(allowed)
-        )
+        when = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if allowed[1:] else allowed[0]
+        raise InputError(f"send {send_id} is {current}; it can become {new} only when {when}")
     _set_status(session, send_id, current, new, **values)
 
 

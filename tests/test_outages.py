@@ -17,7 +17,8 @@ own (a ``redis-server`` on a free port, without persistence) and the worker's de
 of processes. Only the broker scenario runs ``celery beat``: it is the one whose recovery
 needs the periodic reconciler (the worker lives on, so no start-up reconcile comes to help).
 Each scenario runs on one backend (the broker's on both) to keep the suite short; the
-PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``.
+PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``. Scenarios 9 to 12
+break things at one chosen moment: they send to six readers (``small``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from helpers import run_mailer
-from smtp_servers import Outage, Recorder, SmtpServer, greylist, serve, wait_until
+from helpers import BIN, free_port, run_mailer
+from smtp_servers import Outage, Recorder, Slow, SmtpServer, greylist, serve, wait_until
 from sqlalchemy import Engine, make_url, select, text
 from sqlalchemy.exc import OperationalError
 from workers import Processes, RedisServer, add_readers, environment, kill, start_beat, start_worker
@@ -536,3 +537,56 @@ def test_a_send_s_tasks_lost_while_the_broker_holds_other_work(
         assert "mailer.ping" in held, "the other work is still held"
         client.close()
         s.check(send_id)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_ctrl_c_or_a_kill_while_delivering_without_a_broker(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """12. No broker answers, so `mailer send` delivers in its own process, where no reconciler
+    carries a send on. Ctrl-C: the message in flight finishes, the send is paused and the
+    command says how to resume it (exit 130). SIGKILL during `mailer sends resume`: the send is
+    left sending, and `mailer sends resume` carries it on all the same. No reader gets two
+    messages; the one in flight at the kill is ``unknown``."""
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    settings = {
+        "MAILER_BROKER_URL": nowhere,
+        "MAILER_SMTP_CONCURRENCY": "1",  # one message at a time, 0.5 s each
+        "MAILER_BATCH_SIZE": "2",
+        "MAILER_BATCH_LEASE": "2s",
+    }
+    with small(engine, db_url, tmp_path, Slow(0.5), **settings) as s:
+        args = [str(BIN / "mailer"), "send", SLUG, "--segment", "all", "--yes"]
+        sending = s.processes.start(args, s.env, tmp_path / "send.log", cwd=tmp_path)
+        s.server.handler.wait_for(1)
+        sending.send_signal(signal.SIGINT)
+        assert sending.wait(timeout=30) == 130
+        said = (tmp_path / "send.log").read_text()
+        send_id = int(re.findall(r"send (\d+) paused: `mailer sends resume \1`", said)[0])
+        with db.session(engine) as session:
+            assert sends.status(session, send_id) == "paused"
+        counts = s.counts(send_id)
+        assert counts["sending"] == 0 and counts["sent"] == len(s.server.handler.messages)
+
+        args = [str(BIN / "mailer"), "sends", "resume", str(send_id)]
+        resuming = s.processes.start(args, s.env, tmp_path / "resume.log", cwd=tmp_path)
+        wait_until(lambda: s.counts(send_id)["sending"] == 1, timeout=30)
+        kill(resuming)
+        with db.session(engine) as session:
+            assert sends.status(session, send_id) == "sending"
+        run_mailer(s.env, tmp_path, "sends", "resume", str(send_id))
+        with db.session(engine) as session:
+            assert sends.status(session, send_id) == "done"
+        counts = s.counts(send_id)
+        received = Counter(m.rcpt_tos[0] for m in s.server.handler.messages)
+        with db.session(engine) as session:
+            sent = set(
+                session.scalars(
+                    select(SubscriberRow.email)
+                    .join(DeliveryRow, DeliveryRow.subscriber_id == SubscriberRow.id)
+                    .where(DeliveryRow.send_id == send_id, DeliveryRow.state == "sent")
+                )
+            )
+    assert max(received.values()) == 1, "no reader got two messages"
+    assert (counts["sent"], counts["unknown"]) == (len(s.readers) - 1, 1)
+    assert sent <= set(received) <= set(s.readers)

@@ -203,7 +203,7 @@ def test_schedule_reschedule_miss_start_and_cancel_from_the_cli(tmp_path: Path) 
         assert "— scheduled" in shown and "scheduled " in shown
         assert f"{first}  scheduled  for " in run_mailer(env, tmp_path, "sends", "list")
         resumed = cli(env, tmp_path, "sends", "resume", str(first))
-        assert_one_error_line(resumed, "only when paused or failed")
+        assert_one_error_line(resumed, "only when paused, failed or sending")
 
         run_mailer(env, tmp_path, "sends", "reschedule", str(first), "--at", "in 2h")
         later = status(engine, first).scheduled_at

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(name="sends", help="List, inspect, pause, resume and cancel sends.")
 EXIT_FAILED_RECIPIENTS = 3
+EXIT_INTERRUPTED = 130  # as a shell reports a command that Ctrl-C stopped
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @functools.cache
@@ -162,18 +165,47 @@ def _dispatch(
     from mailer.delivery.dispatch import dispatch, find_workers
 
     progress = _Progress(send_id) if show_progress else None
-    where = dispatch(
-        config,
-        send_id,
-        batches,
-        enqueue=lambda send_id, batches: find_workers().enqueue(engine(), send_id, batches),
-        progress=progress.update if progress else lambda: None,
-        notice=_err().print,
-    )
+    with _StopOnSignal() as stop:
+        where = dispatch(
+            config,
+            send_id,
+            batches,
+            enqueue=lambda send_id, batches: find_workers().enqueue(engine(), send_id, batches),
+            progress=progress.update if progress else lambda: None,
+            notice=_err().print,
+            stop_requested=stop.requested,
+        )
     if where == "queued" and not find_workers().answering(timeout=1.0):
         _err().print("[yellow]no worker answered: batches wait until one starts[/]")
     elif progress:
         progress.close()
+    if where == "paused":
+        _err().print(f"send {send_id} paused: `mailer sends resume {send_id}` carries it on")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+class _StopOnSignal:
+    """The first Ctrl-C (or SIGTERM) asks the delivery in this process to stop: the messages in
+    flight finish and the send is paused. A second Ctrl-C stops at once, as usual."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _err().print("stopping: the messages in flight finish first (Ctrl-C again: at once)")
+
+    def __enter__(self) -> _StopOnSignal:
+        self._before = {sig: signal.signal(sig, self._handle) for sig in _STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
 
 class _Progress:
@@ -327,7 +359,8 @@ def pause(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
 
 @app.command()
 def resume(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> None:
-    """Carry on a paused (or failed) send from where it stopped."""
+    """Carry on a paused or failed send, or one a killed process left sending, from where it
+    stopped."""
     from mailer import sends
 
     _set_going(send_id, sends.resume, "resumed")

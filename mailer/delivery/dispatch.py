@@ -57,20 +57,32 @@ def dispatch(
     enqueue: Enqueue,
     progress: Callable[[], None] = lambda: None,
     notice: Callable[[str], None] = lambda _: None,
-) -> Literal["queued", "delivered"]:
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> Literal["queued", "delivered", "paused"]:
     """Queue the batches with ``enqueue`` if the broker answers; else deliver the whole send
-    in this process, calling ``progress`` after each batch. ``notice`` hears which it was."""
+    in this process, calling ``progress`` after each batch. ``notice`` hears which it was.
+
+    Delivering here, once ``stop_requested()`` answers True (the author pressed Ctrl-C), the
+    messages in flight finish and the send is paused: nothing else would carry it on, and
+    ``mailer sends resume`` does, sending nothing twice.
+    """
     if broker_answers(settings.broker_url):
         enqueue(send_id, batches)
         notice(f"{len(batches)} batches queued on {db.shown(settings.broker_url)}")
         return "queued"
     # Here, not at the top: with a broker, the caller does without the delivery machinery.
+    from mailer import sends
     from mailer.delivery.runner import Runtime, run_inline
 
     notice(f"no broker at {db.shown(settings.broker_url)}: delivering in this process")
-    runtime = Runtime(settings, engine=db.connect(settings.database_url))
+    engine = db.connect(settings.database_url)
+    runtime = Runtime(settings, engine=engine, stop_requested=stop_requested)
     try:
         run_inline(runtime, send_id, progress=progress)
+        if stop_requested():
+            with db.session(engine) as session:
+                if sends.pause_if_sending(session, send_id):
+                    return "paused"
     finally:
         runtime.close()
     return "delivered"

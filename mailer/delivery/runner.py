@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED_FIRST_S = 1.0
 INTERRUPTED_MAX_S = 120.0
 HELD_MARGIN_S = 0.1  # come back just after the other run's lease expires
+STOP_POLL_S = 0.2  # how soon a wait for deferred readers notices a stop request
 
 
 def next_run(result: BatchResult, *, interruptions: int = 0) -> float | None:
@@ -180,7 +181,11 @@ class Runtime:
 def run_inline(
     runtime: Runtime, send_id: int, *, progress: Callable[[], None] = lambda: None
 ) -> None:
-    """Deliver a send in this process, running each batch again when ``next_run`` says."""
+    """Deliver a send in this process, running each batch again when ``next_run`` says.
+
+    Returns early once ``runtime.stop_requested()``: the running batch hands its readers over
+    (what is in flight finishes), and no wait for deferred readers outlasts the request.
+    """
     due: dict[int, float] = {}  # batch → when to run it next (monotonic)
     interruptions: dict[int, int] = {}
     with db.session(runtime.engine) as session:
@@ -188,13 +193,14 @@ def run_inline(
             due[batch_no] = 0.0
     while due:
         batch_no, when = min(due.items(), key=lambda item: item[1])
-        wait = when - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        while (wait := when - time.monotonic()) > 0 and not runtime.stop_requested():
+            time.sleep(min(wait, STOP_POLL_S))
+        if runtime.stop_requested():
+            return
         del due[batch_no]
         result = runtime.run_batch(send_id, batch_no)
         progress()
-        if result.outcome in ("stopped", "misconfigured"):
+        if result.outcome in ("stopped", "misconfigured", "handed_over"):
             return
         again = next_run(result, interruptions=interruptions.get(batch_no, 0))
         interruptions[batch_no] = (
