@@ -264,15 +264,23 @@ def test_connection_closed_mid_data(engine: Engine, db_url: str, tmp_path: Path)
         r.check()
 
 
-def test_broker_redis_restarted_empty(engine: Engine, db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("db_url", "rate_limit"),
+    [("sqlite", "0"), (POSTGRES, "0"), pytest.param("sqlite", "5000/s", id="sqlite-rate-limited")],
+    indirect=["db_url"],
+)
+def test_broker_redis_restarted_empty(
+    engine: Engine, db_url: str, rate_limit: str, tmp_path: Path
+) -> None:
     """4. The broker's Redis (no persistence: its queued tasks are lost) is down for 20 s.
 
     Runs beat, as a deployment does: the worker lives on, so no start-up reconcile helps, and
     only a periodic reconcile can re-enqueue the batches whose task messages went down with
     Redis (beat's, every 30 s, in the original design; each worker's own timer since main's
-    50a0166). On both backends: this was the worst of the reported outages.
+    50a0166). On both backends: this was the worst of the reported outages. Once more with a
+    rate limit, whose shared state is in the same Redis: every running batch loses it too.
     """
-    with rig(engine, db_url, tmp_path, delay=0.1) as r:
+    with rig(engine, db_url, tmp_path, delay=0.1, MAILER_RATE_LIMIT=rate_limit) as r:
         r.worker()
         r.beat()
         r.send()
