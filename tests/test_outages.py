@@ -17,7 +17,7 @@ own (a ``redis-server`` on a free port, without persistence) and the worker's de
 of processes. Only the broker scenario runs ``celery beat``: it is the one whose recovery
 needs the periodic reconciler (the worker lives on, so no start-up reconcile comes to help).
 Each scenario runs on one backend (the broker's on both) to keep the suite short; the
-PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``. Scenarios 9 to 12
+PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``. Scenarios 9 to 13
 break things at one chosen moment: they send to six readers (``small``).
 """
 
@@ -598,3 +598,27 @@ def test_ctrl_c_or_a_kill_while_delivering_without_a_broker(
     assert max(received.values()) == 1, "no reader got two messages"
     assert (counts["sent"], counts["unknown"]) == (len(s.readers) - 1, 1)
     assert sent <= set(received) <= set(s.readers)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_ctrl_c_while_waiting_for_deferred_readers_without_a_broker(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """13. Every reader is greylisted and their next attempt is a minute away: `mailer send`,
+    delivering in its own process, waits. Ctrl-C ends the wait at once and pauses the send."""
+    settings = {"MAILER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with small(engine, db_url, tmp_path, greylist(), MAILER_RETRY_BACKOFF="60s", **settings) as s:
+        args = [str(BIN / "mailer"), "send", SLUG, "--segment", "all", "--yes"]
+        sending = s.processes.start(args, s.env, tmp_path / "send.log", cwd=tmp_path)
+        log = tmp_path / "send.log"
+        wait_until(lambda: "created" in log.read_text(), timeout=30)
+        send_id = int(re.findall(r"send (\d+) created", log.read_text())[0])
+        wait_until(lambda: s.counts(send_id)["deferred"] == len(s.readers), timeout=30)
+        time.sleep(0.5)  # the batch has ended: the command waits for the next attempt
+        asked = time.monotonic()
+        sending.send_signal(signal.SIGINT)
+        assert sending.wait(timeout=30) == 130
+        assert time.monotonic() - asked < 5, "the wait for deferred readers outlasted Ctrl-C"
+        with db.session(engine) as session:
+            assert sends.status(session, send_id) == "paused"
+        assert f"send {send_id} paused" in log.read_text()
