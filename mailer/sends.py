@@ -297,8 +297,8 @@ def start(session: Session, send_id: int) -> list[int]:
 def resume(session: Session, send_id: int) -> list[int]:
     """Carry on a paused or failed send, or one left ``sending`` by a process that died (as a
     send delivered without a broker is: no reconciler carries it on); the batches to enqueue.
-    Resuming a send still being delivered costs nothing: a batch's lease makes a second run of
-    it wait."""
+    Resuming a send still being delivered is harmless: a batch's lease makes a second run of it
+    wait (with workers, their reconciler carries on a stuck send without it)."""
     return _to_sending(session, send_id, ("paused", "failed", "sending"))
 
 
