@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 import redis
@@ -552,10 +553,10 @@ def test_ctrl_c_or_a_kill_while_delivering_without_a_broker(
     engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
     """12. No broker answers, so `mailer send` delivers in its own process, where no reconciler
-    carries a send on. Ctrl-C: the message in flight finishes, the send is paused and the
-    command says how to resume it (exit 130). SIGKILL during `mailer sends resume`: the send is
-    left sending, and `mailer sends resume` carries it on all the same. No reader gets two
-    messages; the one in flight at the kill is ``unknown``."""
+    carries a send on. Ctrl-C: the message in flight finishes, the send is paused, the command
+    says how to resume it and exits 130, its stdout still the one JSON document. SIGKILL during
+    `mailer sends resume`: the send is left sending, and `mailer sends resume` carries it on
+    all the same. No reader gets two messages; the one in flight at the kill is ``unknown``."""
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     settings = {
         "MAILER_BROKER_URL": nowhere,
@@ -564,13 +565,18 @@ def test_ctrl_c_or_a_kill_while_delivering_without_a_broker(
         "MAILER_BATCH_LEASE": "2s",
     }
     with small(engine, db_url, tmp_path, Slow(0.5), **settings) as s:
-        args = [str(BIN / "mailer"), "send", SLUG, "--segment", "all", "--yes"]
-        sending = s.processes.start(args, s.env, tmp_path / "send.log", cwd=tmp_path)
-        s.server.handler.wait_for(1)
-        sending.send_signal(signal.SIGINT)
-        assert sending.wait(timeout=30) == 130
-        said = (tmp_path / "send.log").read_text()
-        send_id = int(re.findall(r"send (\d+) paused: `mailer sends resume \1`", said)[0])
+        args = [str(BIN / "mailer"), "send", SLUG, "--segment", "all", "--yes", "--json"]
+        with (tmp_path / "send.out").open("wb") as out:  # stdout alone: the JSON document
+            sending = subprocess.Popen(args, env=s.env, cwd=tmp_path, stdout=out, stderr=PIPE)
+            try:
+                s.server.handler.wait_for(1)
+                sending.send_signal(signal.SIGINT)
+                _, said = sending.communicate(timeout=30)
+            finally:
+                sending.kill()  # a no-op once it has exited
+        assert sending.returncode == 130
+        send_id = json.loads((tmp_path / "send.out").read_text())["send_id"]
+        assert f"send {send_id} paused: `mailer sends resume {send_id}`" in said.decode()
         with db.session(engine) as session:
             assert sends.status(session, send_id) == "paused"
         counts = s.counts(send_id)

@@ -96,11 +96,12 @@ def send(
         planned = sends.plan(session, draft, batch_size=config.batch_size)
     send_id = planned.send_id
     _err().print(f"send {send_id} created")
-    if planned.batches:
-        _dispatch(config, send_id, planned.batches, show_progress=wait or not as_json)
-    if wait and scheduled_at:
-        _wait_for_its_time(config, send_id, scheduled_at)
-    if wait:
+    paused = bool(planned.batches) and _dispatch(
+        config, send_id, planned.batches, show_progress=wait or not as_json
+    )
+    if wait and scheduled_at and not paused:
+        paused = _wait_for_its_time(config, send_id, scheduled_at)
+    if wait and not paused:
         _wait(send_id)
     with db.session(engine()) as session:
         info = sends.show(session, send_id)
@@ -108,6 +109,8 @@ def send(
         print_json({"send_id": send_id, **info.as_json()} if wait else {"send_id": send_id})
     else:
         typer.echo(send_id)
+    if paused:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if wait and (info.counts["failed"] or info.status == "failed"):
         raise typer.Exit(EXIT_FAILED_RECIPIENTS)
 
@@ -128,19 +131,20 @@ def _when(at: str, config: Settings) -> dt.datetime:
         raise InputError(f"--at: {exc}") from None
 
 
-def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> None:
-    """``--at`` with ``--wait``: beat starts it (with a broker); without one, this command."""
+def _wait_for_its_time(config: Settings, send_id: int, at: dt.datetime) -> bool:
+    """``--at`` with ``--wait``: beat starts it (with a broker); without one, this command.
+    True when Ctrl-C paused it."""
     from mailer import db, sends
     from mailer.delivery.dispatch import broker_answers
 
     if broker_answers(config.broker_url):
         _err().print(f"send {send_id} is scheduled for {at.isoformat()}; beat will start it")
-        return
+        return False
     _err().print(f"send {send_id} is scheduled for {at.isoformat()}: waiting here to send it")
     time.sleep(max((at - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
     with db.session(engine()) as session:
         batches = sends.start(session, send_id)
-    _dispatch(config, send_id, batches, show_progress=True)
+    return _dispatch(config, send_id, batches, show_progress=True)
 
 
 def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> None:
@@ -160,8 +164,9 @@ def _send_test(config: Settings, post: Post, address: str, as_json: bool) -> Non
 
 def _dispatch(
     config: Settings, send_id: int, batches: Sequence[int], *, show_progress: bool
-) -> None:
-    """Hand the batches to the workers, or deliver them here when there is no broker."""
+) -> bool:
+    """Hand the batches to the workers, or deliver them here when there is no broker; True
+    when Ctrl-C paused the send delivered here (the caller exits with ``EXIT_INTERRUPTED``)."""
     from mailer.delivery.dispatch import dispatch, find_workers
 
     progress = _Progress(send_id) if show_progress else None
@@ -181,7 +186,7 @@ def _dispatch(
         progress.close()
     if where == "paused":
         _err().print(f"send {send_id} paused: `mailer sends resume {send_id}` carries it on")
-        raise typer.Exit(EXIT_INTERRUPTED)
+    return where == "paused"
 
 
 class _StopOnSignal:
@@ -393,7 +398,8 @@ def _set_going(send_id: int, change: Callable[[Session, int], list[int]], done: 
     with db.session(engine()) as session:
         batches = change(session, send_id)
     typer.echo(f"send {send_id} {done}")
-    _dispatch(settings(), send_id, batches, show_progress=True)
+    if _dispatch(settings(), send_id, batches, show_progress=True):
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()
@@ -429,5 +435,5 @@ def retry_unknown(send_id: Annotated[int, typer.Argument(help="Send id.")]) -> N
     with db.session(engine()) as session:
         count, batches = sends.retry_unknown(session, send_id)
     typer.echo(f"send {send_id}: {count} readers queued again")
-    if count:
-        _dispatch(settings(), send_id, batches, show_progress=True)
+    if count and _dispatch(settings(), send_id, batches, show_progress=True):
+        raise typer.Exit(EXIT_INTERRUPTED)
