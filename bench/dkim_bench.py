@@ -19,14 +19,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.delivery_bench import paid_message, smtp_sink
+from bench.delivery_bench import BENCH_READER, paid_message, paid_personaliser, smtp_sink
 from bench.send_bench import POST, Row, one_size, print_row
 from mailer.compose import Publication, compose
 from mailer.config import load_settings
 from mailer.delivery.dkim import DkimKey, DkimSigner, generate_key, private_pem
-from mailer.delivery.personalise import Personaliser, Recipient
 from mailer.posts import parse_post
-from mailer.tokens import Signer
 
 SIZE = int(os.environ.get("BENCH_DKIM_SIZE", "20000"))
 TARGET = 0.7
@@ -59,19 +57,12 @@ def signature_cost(ed25519_key: bool) -> tuple[float, float]:
     for _ in range(SIGNATURES):
         signer.sign(message)
     alone = (time.perf_counter() - start) / SIGNATURES * 1e6
-    reader = Recipient(1, "reader1@gmail.com", "Ana Lima")
     costs = []
     for dkim in (None, signer):
-        personaliser = Personaliser(
-            composition.paid,
-            send_id=1,
-            signer=Signer(settings.secret_keys),
-            tracker_url=settings.tracker_url,
-            dkim=dkim,
-        )
+        personaliser = paid_personaliser(composition, settings, dkim)
         start = time.perf_counter()
         for _ in range(SIGNATURES):
-            personaliser.personalise(reader)
+            personaliser.personalise(BENCH_READER)
         costs.append((time.perf_counter() - start) / SIGNATURES * 1e6)
     return alone, costs[1] - costs[0]
 

@@ -194,13 +194,13 @@ class _StopOnSignal:
     flight finish and the send is paused. A second Ctrl-C stops at once, as usual."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.stopping = False
 
     def requested(self) -> bool:
-        return self.signal is not None
+        return self.stopping
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signum
+        self.stopping = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _err().print("stopping: the messages in flight finish first (Ctrl-C again: at once)")
 

@@ -64,7 +64,7 @@ def _header(head: str, name: str) -> str:
     return found.group(1)
 
 
-def _relaxed_body(
+def _relaxed_skeleton(
     skeleton: list[bytes], positions: dict[tuple[str, str], list[int]], dkim: DkimSigner
 ) -> tuple[int, list[bytes]] | None:
     """Where the body's values start in ``skeleton``, and DKIM's relaxed form of the body's
@@ -133,7 +133,7 @@ class Personaliser:
         )
         self._bounce_domain = parseaddr(_header(head, "From"))[1].rpartition("@")[2]
         self._dkim = dkim
-        self._relaxed = _relaxed_body(self._skeleton, positions, dkim) if dkim else None
+        self._relaxed = _relaxed_skeleton(self._skeleton, positions, dkim) if dkim else None
 
     def message_id(self, recipient: Recipient) -> str:
         """The Message-ID this recipient's message carries: the same on every retry."""
