@@ -47,7 +47,7 @@ from sqlalchemy.exc import OperationalError
 from workers import Processes, RedisServer, add_readers, environment, kill, start_beat, start_worker
 
 from mailer import db, sends
-from mailer.db.models import DeliveryRow, SubscriberRow
+from mailer.db.models import DeliveryRow, SendBatchRow, SubscriberRow
 from mailer.vocabulary import DeliveryState
 
 pytestmark = [pytest.mark.outage, pytest.mark.subprocess]
@@ -289,6 +289,37 @@ def test_broker_redis_restarted_empty(
         r.broker.stop()
         time.sleep(20)
         r.broker.start()
+        r.wait_done(timeout=120)
+        r.check()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_broker_frozen_65s(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """14. The broker stops answering for 65 s but keeps every connection open and every key
+    (SIGSTOP, as behind a network partition or a stalled VM), then answers again.
+
+    Rate-limited, so every message waits on the throttle's state in that Redis; with beat, whose
+    ticks fail meanwhile. The running batches must let go within seconds (the throttle's
+    timeout), not hang on Redis for as long as it is away.
+    """
+    with rig(engine, db_url, tmp_path, delay=0.1, MAILER_RATE_LIMIT="5000/s") as r:
+        r.worker()
+        r.beat()
+        r.send()
+        arrived = r.mid_send()
+        r.broker.freeze()
+        time.sleep(20)
+        with db.session(r.engine) as session:
+            held = session.scalars(
+                select(SendBatchRow.batch_no).where(
+                    SendBatchRow.send_id == r.send_id, SendBatchRow.lease_owner.is_not(None)
+                )
+            ).all()
+        assert not held, r.report(f"batches {held} still held 20 s into the freeze")
+        time.sleep(45)
+        r.notes.append(f"{r.received() - arrived} arrived while it was frozen")
+        assert r.counts()[0] != "done", "the send ended while frozen: the fault proved nothing"
+        r.broker.thaw()
         r.wait_done(timeout=120)
         r.check()
 

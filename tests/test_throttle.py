@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,18 +23,20 @@ from conftest import REDIS_DB, REDIS_HOST, REDIS_PORT, REDIS_URL
 from helpers import DEV, free_port
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from workers import RedisServer
 
 from mailer.config import load_settings
 from mailer.delivery.throttle import (
     MIN_TOLERANCE,
     MONOTONIC,
+    REDIS_TIMEOUT_S,
     BackoffPolicy,
     Clock,
     LocalThrottle,
     RedisThrottle,
     Throttle,
 )
-from mailer.errors import TransientDeliveryError
+from mailer.errors import ThrottleUnavailable, TransientDeliveryError
 
 PREFIX = "test:throttle:"
 
@@ -314,3 +317,40 @@ def test_without_a_limit_redis_down_costs_nothing() -> None:
         await client.aclose()
 
     asyncio.run(run())
+
+
+@pytest.mark.subprocess
+def test_a_frozen_redis_fails_every_waiting_lane_in_one_timeout(tmp_path: Path) -> None:
+    """A Redis that keeps its connections but stops answering (SIGSTOP: a partition, a stalled
+    VM): the lanes queued behind the take that timed out fail with it, rather than each waiting
+    out the timeout in turn (16 lanes x 5 s held a batch for 80 s)."""
+    timeout = 0.5
+
+    async def run(url: str, freeze: Callable[[], None]) -> tuple[int, float]:
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout)
+        throttle = RedisThrottle(client, rate_limit=1000, domain_limits=())
+        await throttle.acquire("example.org")  # connected, the script loaded
+        freeze()
+        start = time.monotonic()
+        lanes = [throttle.acquire("example.org") for _ in range(16)]
+        results = await asyncio.gather(*lanes, return_exceptions=True)
+        elapsed = time.monotonic() - start
+        failed = sum(isinstance(r, ThrottleUnavailable) for r in results)
+        with contextlib.suppress(redis.RedisError):
+            await client.aclose()
+        return failed, elapsed
+
+    with RedisServer(tmp_path / "redis") as server:
+        try:
+            failed, elapsed = asyncio.run(run(server.url, server.freeze))
+        finally:
+            server.thaw()
+    assert failed == 16
+    assert elapsed < 4 * timeout, f"the lanes waited {elapsed:.1f} s"
+
+
+def test_the_worker_s_throttle_client_times_out() -> None:
+    settings = load_settings({**DEV, "MAILER_BROKER_URL": REDIS_URL}, env_file=None)
+    throttle = RedisThrottle.from_settings(settings)
+    options = throttle._redis.connection_pool.connection_kwargs
+    assert options["socket_timeout"] == options["socket_connect_timeout"] == REDIS_TIMEOUT_S

@@ -189,6 +189,16 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             kill(process)
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers, as behind a network partition."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: it answers again, with everything it held."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGCONT)
+
     def __enter__(self) -> RedisServer:
         self.start()
         return self

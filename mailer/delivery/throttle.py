@@ -25,8 +25,10 @@ back-off reported by another worker takes effect here within that time.
 Without Redis. Reading the set of back-offs and reporting one never fail a batch: while Redis
 is away the throttle keeps the back-offs it knew and its own, so with no limit configured a
 Redis outage costs nothing. Only taking from a configured limit needs Redis, and raises
-``ThrottleUnavailable`` (a ``TransientDeliveryError``) when it does not answer (the batch
-stops and is retried).
+``ThrottleUnavailable`` (a ``TransientDeliveryError``) when it does not answer within
+``REDIS_TIMEOUT_S`` (the batch stops and is retried). The callers queued behind that take on
+the bucket's lock then raise at once: each would otherwise wait out the timeout in turn, and
+sixteen lanes held a batch for as long as Redis was away.
 
 ``RedisThrottle`` keeps the state in Redis so that every worker process shares it; each
 attempt to take is one EVALSHA of an atomic Lua script that uses Redis's clock, so workers'
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 
 MIN_TOLERANCE = 0.05  # seconds
 _REDIS_FAILED = "rate limiter: Redis failed"
+# A Redis that stops answering but keeps the connection (a partition, a stalled VM) would
+# otherwise hold every lane of every rate-limited batch for as long as it lasts.
+REDIS_TIMEOUT_S = 5.0
 
 
 class Clock(Protocol):
@@ -127,6 +132,7 @@ class _Throttle(ABC):
         self._unlimited_cap = min(unlimited, rate_limit) if rate_limit else unlimited
         self._backed_off: set[str] = set()
         self._refresh_at = 0.0
+        self._failed: tuple[float, str] | None = None  # when a take last failed, and why
         self._refresh_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -139,9 +145,20 @@ class _Throttle(ABC):
             return
         key = domain if own_bucket else ""  # "": the global bucket alone
         lock = self._locks.get(key) or self._locks.setdefault(key, asyncio.Lock())
+        asked = self._clock.now()
         async with lock:
-            while (wait := await self._take(key)) > 0:
+            while (wait := await self._take_unless_failed(key, asked)) > 0:
                 await self._clock.sleep(wait)
+
+    async def _take_unless_failed(self, key: str, asked: float) -> float:
+        """``_take``, unless a take failed since ``asked``: then fail at once, as it did."""
+        if self._failed is not None and self._failed[0] >= asked:
+            raise ThrottleUnavailable(self._failed[1])
+        try:
+            return await self._take(key)
+        except ThrottleUnavailable as exc:
+            self._failed = self._clock.now(), str(exc)
+            raise
 
     async def _refresh(self) -> None:
         # Concurrent callers wait for one read rather than go on with a stale (or empty) set.
@@ -291,7 +308,11 @@ class RedisThrottle(_Throttle):
     @classmethod
     def from_settings(cls, settings: Settings, *, backoff: BackoffPolicy = DEFAULT_BACKOFF) -> Self:
         """The limits in ``settings``, kept in the Redis that is the Celery broker."""
-        client = redis.asyncio.Redis.from_url(settings.broker_url)
+        client = redis.asyncio.Redis.from_url(
+            settings.broker_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
         return cls(
             client,
             rate_limit=settings.rate_limit,
