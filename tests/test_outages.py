@@ -294,13 +294,13 @@ def test_broker_redis_restarted_empty(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_broker_frozen_65s(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    """14. The broker stops answering for 65 s but keeps every connection open and every key
+def test_broker_frozen_30s(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """14. The broker stops answering for 30 s but keeps every connection open and every key
     (SIGSTOP, as behind a network partition or a stalled VM), then answers again.
 
     Rate-limited, so every message waits on the throttle's state in that Redis; with beat, whose
-    ticks fail meanwhile. The running batches must let go within seconds (the throttle's
-    timeout), not hang on Redis for as long as it is away.
+    ticks fail meanwhile. Longer than any timeout here (the throttle's 5 s, the lease's 5 s):
+    the running batches must let go within seconds, not hang on Redis while it is away.
     """
     with rig(engine, db_url, tmp_path, delay=0.1, MAILER_RATE_LIMIT="5000/s") as r:
         r.worker()
@@ -308,15 +308,15 @@ def test_broker_frozen_65s(engine: Engine, db_url: str, tmp_path: Path) -> None:
         r.send()
         arrived = r.mid_send()
         r.broker.freeze()
-        time.sleep(20)
+        time.sleep(15)
         with db.session(r.engine) as session:
             held = session.scalars(
                 select(SendBatchRow.batch_no).where(
                     SendBatchRow.send_id == r.send_id, SendBatchRow.lease_owner.is_not(None)
                 )
             ).all()
-        assert not held, r.report(f"batches {held} still held 20 s into the freeze")
-        time.sleep(45)
+        assert not held, r.report(f"batches {held} still held 15 s into the freeze")
+        time.sleep(15)
         r.notes.append(f"{r.received() - arrived} arrived while it was frozen")
         assert r.counts()[0] != "done", "the send ended while frozen: the fault proved nothing"
         r.broker.thaw()

@@ -132,7 +132,8 @@ class _Throttle(ABC):
         self._unlimited_cap = min(unlimited, rate_limit) if rate_limit else unlimited
         self._backed_off: set[str] = set()
         self._refresh_at = 0.0
-        self._failed: tuple[float, str] | None = None  # when a take last failed, and why
+        self._failures = 0  # takes that failed so far
+        self._failure = ""  # why the last one did
         self._refresh_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -145,19 +146,21 @@ class _Throttle(ABC):
             return
         key = domain if own_bucket else ""  # "": the global bucket alone
         lock = self._locks.get(key) or self._locks.setdefault(key, asyncio.Lock())
-        asked = self._clock.now()
+        failures = self._failures
         async with lock:
-            while (wait := await self._take_unless_failed(key, asked)) > 0:
+            while (wait := await self._take_unless_failed(key, failures)) > 0:
                 await self._clock.sleep(wait)
 
-    async def _take_unless_failed(self, key: str, asked: float) -> float:
-        """``_take``, unless a take failed since ``asked``: then fail at once, as it did."""
-        if self._failed is not None and self._failed[0] >= asked:
-            raise ThrottleUnavailable(self._failed[1])
+    async def _take_unless_failed(self, key: str, failures: int) -> float:
+        """``_take``, unless a take failed since the caller asked (when ``failures`` had
+        failed): then fail at once, as it did."""
+        if self._failures != failures:
+            raise ThrottleUnavailable(self._failure)
         try:
             return await self._take(key)
         except ThrottleUnavailable as exc:
-            self._failed = self._clock.now(), str(exc)
+            self._failures += 1
+            self._failure = str(exc)
             raise
 
     async def _refresh(self) -> None:
