@@ -18,7 +18,7 @@ of processes. Only the broker scenario runs ``celery beat``: it is the one whose
 needs the periodic reconciler (the worker lives on, so no start-up reconcile comes to help).
 Each scenario runs on one backend (the broker's on both) to keep the suite short; the
 PostgreSQL ones are marked ``postgres``. Select them with ``-m outage``. Scenarios 9 to 13
-break things at one chosen moment: they send to six readers (``small``).
+and 15 break things at one chosen moment: they send to six readers (``small``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -489,6 +490,35 @@ def test_a_worker_killed_holding_a_batch_s_next_run(
         client.close()
         s.worker("second")
         s.wait_done(send_id, timeout=90)
+        s.check(send_id)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_killed_after_taking_a_task_before_its_lease(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """15. The worker takes the batch's task and is SIGKILLed before its run takes the lease
+    (the test holds SQLite's write lock, so the run waits there). The task stays in the
+    broker's unacknowledged hash for hours and the batch never ran: the reconciler of a new
+    worker counts a task taken more than a lease ago by no run as dead, and runs the batch."""
+    with small(engine, db_url, tmp_path, MAILER_BATCH_SIZE="6", MAILER_BATCH_LEASE="2s") as s:
+        send_id = s.send()
+        client = redis.Redis.from_url(s.broker.url)
+        lock = sqlite3.connect(str(make_url(db_url).database), isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            first = s.worker("first")
+            wait_until(lambda: client.hlen("unacked") == 1, timeout=30)
+            time.sleep(1)  # the run is waiting for the lock to take the lease
+            kill(first)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert s.counts(send_id)["queued"] == len(s.readers), "the run took nothing"
+        assert client.hlen("unacked") == 1, "the killed worker's task left the broker"
+        client.close()
+        s.worker("second")
+        s.wait_done(send_id, timeout=30)
         s.check(send_id)
 
 
