@@ -72,7 +72,7 @@ Row = tuple[str, float, str]
 @dataclass(frozen=True)
 class Result:
     readers: int
-    loop_before: float  # the bare loop just before the send, msg/s
+    loop_before: float  # the bare loop just before the send, msg/s (0: not run)
     loop_after: float  # and just after it (the shared machine's load drifts)
     rate: float  # readers / (command start to exit)
     elapsed: float
@@ -117,8 +117,15 @@ def _worker(env: dict[str, str], folder: Path, broker: str) -> Iterator[subproce
         stop(process)
 
 
-def one_size(readers: int, sink: Sink, extra: Mapping[str, str] = MappingProxyType({})) -> Result:
-    """One send of ``readers`` and the loop around it; ``extra`` settings for the send."""
+def one_size(
+    readers: int,
+    sink: Sink,
+    extra: Mapping[str, str] = MappingProxyType({}),
+    *,
+    loops: bool = True,
+) -> Result:
+    """One send of ``readers`` and, if ``loops``, the bare loop before and after it; ``extra``
+    settings for the send."""
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="send_bench_")))
         broker = stack.enter_context(redis_server(folder))
@@ -138,7 +145,7 @@ def one_size(readers: int, sink: Sink, extra: Mapping[str, str] = MappingProxyTy
         _readers_csv(folder / "readers.csv", readers)
         import_csv(engine, folder / "readers.csv")
 
-        loop_before = baseline_loop(sink, message, readers)
+        loop_before = baseline_loop(sink, message, readers) if loops else 0.0
         worker = stack.enter_context(_worker(env, folder, broker))
         pids = _pids_in_group(worker.pid)
         cpu_before = _cpu_seconds(pids), _cpu_seconds([sink.pid])
@@ -166,7 +173,7 @@ def one_size(readers: int, sink: Sink, extra: Mapping[str, str] = MappingProxyTy
         received = sink.received() - received_before
         if received != readers:
             raise RuntimeError(f"the sink got {received} of {readers} messages")
-        loop_after = baseline_loop(sink, message, readers)
+        loop_after = baseline_loop(sink, message, readers) if loops else 0.0
     return Result(
         readers=readers,
         loop_before=loop_before,
