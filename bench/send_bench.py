@@ -36,7 +36,7 @@ from types import MappingProxyType
 
 from celery import Celery
 
-from bench.databases import redis_server
+from bench.databases import postgres_database, redis_server
 from bench.delivery_bench import (
     Sink,
     _cpu_seconds,
@@ -123,12 +123,19 @@ def one_size(
     extra: Mapping[str, str] = MappingProxyType({}),
     *,
     loops: bool = True,
+    postgres: bool = False,
 ) -> Result:
     """One send of ``readers`` and, if ``loops``, the bare loop before and after it; ``extra``
-    settings for the send."""
+    settings for the send; on a throwaway PostgreSQL database if ``postgres``, else the default
+    SQLite one."""
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="send_bench_")))
         broker = stack.enter_context(redis_server(folder))
+        # The default database: SQLite at var/mailer.db under the folder.
+        url = f"sqlite:///{folder / 'var' / 'mailer.db'}"
+        if postgres:
+            url = stack.enter_context(postgres_database())
+            extra = {**extra, "MAILER_DATABASE_URL": url}
         env = _env(broker, sink, extra)
         settings = load_settings(env, env_file=None)
         post = parse_post(POST)
@@ -136,7 +143,6 @@ def one_size(
         # The baseline sends the very bytes the pipeline sends: the paid variant, personalised.
         message = paid_message(composition, settings)
 
-        url = f"sqlite:///{folder / 'var' / 'mailer.db'}"  # the default, under the folder
         db.upgrade(url)
         engine = db.connect(url)
         stack.callback(engine.dispose)
