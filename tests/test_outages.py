@@ -413,11 +413,15 @@ def test_sigterm_then_sigkill_then_new_worker(engine: Engine, db_url: str, tmp_p
         assert exited_after is not None, r.report("the worker ignored SIGTERM for 10 s")
 
 
+def _held_tasks(client: redis.Redis) -> list[str]:
+    """The names of the tasks the broker holds unacknowledged (taken by a worker)."""
+    return [json.loads(entry)[0]["headers"]["task"] for entry in client.hvals("unacked")]
+
+
 def _holds_a_batch(client: redis.Redis) -> bool:
     """A batch's task is among the broker's unacknowledged ones. Not the only one: the killed
     worker may also have taken a reconcile it had not yet started (acknowledged only then)."""
-    held = [json.loads(entry)[0]["headers"]["task"] for entry in client.hvals("unacked")]
-    return "mailer.deliver_batch" in held
+    return "mailer.deliver_batch" in _held_tasks(client)
 
 
 @dataclass
@@ -610,8 +614,7 @@ def test_a_send_s_tasks_lost_while_the_broker_holds_other_work(
         s.worker("worker")
         s.wait_done(send_id, timeout=30)
         client = redis.Redis.from_url(s.broker.url)
-        held = [json.loads(entry)[0]["headers"]["task"] for entry in client.hvals("unacked")]
-        assert "mailer.ping" in held, "the other work is still held"
+        assert "mailer.ping" in _held_tasks(client), "the other work is still held"
         client.close()
         s.check(send_id)
 
