@@ -13,11 +13,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, select
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy import Engine, bindparam, column, inspect, select, table, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
 from mailer import db
 from mailer.db.models import Base, SubscriberRow
+from mailer.db.prepared import Prepared
 from mailer.errors import DatabaseError, NotFoundError
 from mailer.posts import Post
 from mailer.posts.store import get_post, list_posts, save_post
@@ -189,3 +190,55 @@ def test_concurrent_upgrades_of_a_fresh_postgresql_database_both_succeed(db_url:
     engine = db.connect(db_url)
     db.check(engine)
     engine.dispose()
+
+
+def test_a_prepared_statement_runs_the_sql_sqlalchemy_compiles_with_typed_values(
+    engine: Engine,
+) -> None:
+    with db.session(engine) as s:
+        s.add_all([_subscriber("ada@example.com"), _subscriber("bob@example.com")])
+    paris = dt.timezone(dt.timedelta(hours=1))
+    statement = (
+        update(SubscriberRow)
+        .where(SubscriberRow.email == bindparam("address"), SubscriberRow.tier == "free")
+        .values(
+            trial_ends_at=bindparam("ends"),
+            tier="trial",
+            updated_at=bindparam("ends"),
+        )
+        .returning(SubscriberRow.email)
+    )
+    prepared = Prepared.of(statement, engine.dialect)
+    assert prepared.sql == str(statement.compile(dialect=engine.dialect))
+    ends = dt.datetime(2026, 5, 1, 13, tzinfo=paris)
+    with engine.begin() as conn:
+        found = prepared.run(conn, {"address": "ada@example.com", "ends": ends}).scalars().all()
+        assert found == ["ada@example.com"]
+        # Run again, it finds the row no longer free: the literal "free" went in as a value.
+        assert prepared.run(conn, {"address": "ada@example.com", "ends": ends}).all() == []
+        prepared.run_many(conn, [{"address": "bob@example.com"}], shared={"ends": ends})
+    with db.session(engine) as s:
+        rows = s.scalars(select(SubscriberRow).order_by(SubscriberRow.email)).all()
+        # Through the column's type: converted to UTC on the way in, as SQLAlchemy would.
+        assert [(r.tier, r.trial_ends_at) for r in rows] == [
+            ("trial", dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)),
+            ("trial", dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)),
+        ]
+    with pytest.raises(ValueError, match="naive datetime"), engine.begin() as conn:
+        prepared.run(conn, {"address": "ada@example.com", "ends": dt.datetime(2026, 5, 1)})
+
+
+def test_a_prepared_statement_fails_as_sqlalchemy_would(engine: Engine) -> None:
+    """As SQLAlchemy's own exception, which the ledger tells faults by."""
+    prepared = Prepared.of(select(column("x")).select_from(table("nowhere")), engine.dialect)
+    with pytest.raises(DBAPIError, match="nowhere"), engine.begin() as conn:
+        prepared.run(conn, {})
+
+
+def test_what_cannot_be_prepared_is_refused(engine: Engine) -> None:
+    lists = select(SubscriberRow.id).where(SubscriberRow.id.in_(bindparam("ids", expanding=True)))
+    with pytest.raises(ValueError, match="ids is an expanding parameter"):
+        Prepared.of(lists, engine.dialect)
+    # updated_at's onupdate would be computed per execution, which a prepared statement skips.
+    with pytest.raises(ValueError, match="Python-side default"):
+        Prepared.of(update(SubscriberRow).values(tier="paid"), engine.dialect)
