@@ -8,7 +8,8 @@ signed with an RSA-2048 key (``MAILER_DKIM_KEY_FILE``), then with an Ed25519 key
 several rounds, because one round's ratio swings by a tenth with the shared machine's load: each
 round's ratio is signed over the unsigned send just before it, and the verdict is on their
 median. Also the cost of one signature of the pipeline's own message, in this process, for each
-key type.
+key type, and the ceiling that cost sets: the signed send can at best add one signature's CPU
+to the unsigned send's, on every core.
 
 Readers from ``BENCH_DKIM_SIZE`` (default 20000), rounds from ``BENCH_DKIM_ROUNDS`` (default 3),
 the database from ``BENCH_DKIM_DATABASE`` (``sqlite``, the default setting, or ``postgres``: a
@@ -83,8 +84,10 @@ def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
         report(row)
         out.append(row)
 
+    signature_us: dict[str, float] = {}
     for ed25519_key, name in ((False, "RSA-2048"), (True, "Ed25519")):
         alone, in_pipeline = signature_cost(ed25519_key)
+        signature_us[name] = alone
         add((f"one DKIM signature, {name} (us)", alone, "this process"))
         add((f"what it adds to a personalised message, {name} (us)", in_pipeline, "this process"))
     with ExitStack() as stack:
@@ -110,6 +113,23 @@ def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
             statistics.median(u.rate for u in unsigned),
             f"median of {ROUNDS} rounds: {_listed(u.rate for u in unsigned)}; worker CPU "
             f"{statistics.median(u.worker_us for u in unsigned):.0f} us/msg",
+        )
+    )
+    # The most a signed send could do here: the unsigned send's CPU per message (worker, command
+    # and sink) and one signature, on every core. Where this is under the target, no signer is
+    # fast enough on this CPU: the unsigned send is too cheap beside one RSA operation.
+    cores = len(os.sched_getaffinity(0))
+    rsa_us = signature_us["RSA-2048"]
+    unsigned_us = statistics.median(u.worker_us + u.cli_us + u.sink_us for u in unsigned)
+    ceiling = cores * 1e6 / (unsigned_us + rsa_us)
+    add(
+        (
+            f"`mailer send --wait`, {SIZE:,} readers, {DATABASE}, signed RSA-2048: this "
+            "machine's ceiling (msg/s)",
+            ceiling,
+            f"{cores} cores / (the unsigned send's CPU per message, {unsigned_us:.0f} us, + one "
+            f"signature, {rsa_us:.0f} us): at most "
+            f"{ceiling / statistics.median(u.rate for u in unsigned):.2f}x unsigned",
         )
     )
     for kind in list(kinds)[1:]:
