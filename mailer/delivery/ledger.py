@@ -223,7 +223,7 @@ _RECORD: dict[Move, Update] = {
 
 
 # The group commit's statements, prepared once per dialect: through ``Connection.execute`` a
-# flush cost 1.6 times the CPU (``mailer.db.prepared``).
+# flush cost 1.5 times the CPU (``mailer.db.prepared``).
 @functools.lru_cache(maxsize=64)
 def _claim_prepared(dialect: Dialect, count: int) -> Prepared:
     return Prepared.of(_claim(count), dialect)
