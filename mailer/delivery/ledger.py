@@ -223,8 +223,9 @@ _RECORD: dict[Move, Update] = {
 
 
 # The group commit's statements, prepared once per dialect: through ``Connection.execute`` a
-# flush cost 1.5 times the CPU (``mailer.db.prepared``).
-@functools.lru_cache(maxsize=64)
+# flush cost 1.5 times the CPU (``mailer.db.prepared``). A claim's size is up to one row per
+# lane: as many as ``MAILER_SMTP_CONCURRENCY`` allows.
+@functools.lru_cache(maxsize=1024)
 def _claim_prepared(dialect: Dialect, count: int) -> Prepared:
     return Prepared.of(_claim(count), dialect)
 
