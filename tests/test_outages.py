@@ -646,9 +646,8 @@ def test_ctrl_c_or_a_kill_while_delivering_without_a_broker(
         with (tmp_path / "send.out").open("wb") as out:  # stdout alone: the JSON document
             sending = subprocess.Popen(args, env=s.env, cwd=tmp_path, stdout=out, stderr=PIPE)
             try:
-                s.server.handler.wait_for(
-                    1, timeout=30
-                )  # the command starts slowly on a busy machine
+                # The command's start alone can take seconds on a busy machine.
+                s.server.handler.wait_for(1, timeout=30)
                 sending.send_signal(signal.SIGINT)
                 _, said = sending.communicate(timeout=30)
             finally:
