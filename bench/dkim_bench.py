@@ -107,10 +107,11 @@ def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
             for _ in range(ROUNDS)
         ]
     unsigned = [r["unsigned"] for r in rounds]
+    unsigned_rate = statistics.median(u.rate for u in unsigned)
     add(
         (
             f"`mailer send --wait`, {SIZE:,} readers, {DATABASE}, unsigned (msg/s)",
-            statistics.median(u.rate for u in unsigned),
+            unsigned_rate,
             f"median of {ROUNDS} rounds: {_listed(u.rate for u in unsigned)}; worker CPU "
             f"{statistics.median(u.worker_us for u in unsigned):.0f} us/msg",
         )
@@ -129,7 +130,7 @@ def main(report: Callable[[Row], None] = lambda row: None) -> list[Row]:
             ceiling,
             f"{cores} cores / (the unsigned send's CPU per message, {unsigned_us:.0f} us, + one "
             f"signature, {rsa_us:.0f} us): at most "
-            f"{ceiling / statistics.median(u.rate for u in unsigned):.2f}x unsigned",
+            f"{ceiling / unsigned_rate:.2f}x unsigned",
         )
     )
     for kind in list(kinds)[1:]:
