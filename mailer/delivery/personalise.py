@@ -6,10 +6,12 @@ recipient there are only a few HMACs, tiny encodes and one ``bytes.join``.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import datetime as dt
 import html
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import TYPE_CHECKING, Protocol
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from mailer.delivery.dkim import DkimSigner  # cryptography: only where it signs
 
 NAME_FALLBACK = "reader"
+_TO_VALUE = 78 - len("To: ")  # RFC 5322's line length, where it can be kept
+_WORD_OCTETS = 45  # an RFC 2047 encoded word of 45 octets is 72 characters long
 _URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url", "view_url"})
 _QP_SAFE = re.compile(rb"[!-<>-~]{0,74}")  # printable ASCII but '=', short enough for one line
 
@@ -48,13 +52,35 @@ def _qp(value: bytes) -> bytes:
 
 
 def _address(name: str, email: str) -> str:
+    """The To header's value: the reader's address, with their name if they have one."""
     if not name:
         return email
     if email.isascii():
-        return formataddr((name, email))  # RFC 2047-encodes a non-ASCII name
-    # An internationalised address can only travel as raw UTF-8 (RFC 6532, over SMTPUTF8).
-    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{quoted}" <{email}>'
+        value = formataddr((name, email))  # RFC 2047-encodes a non-ASCII name
+    else:
+        # An internationalised address can only travel as raw UTF-8 (RFC 6532, over SMTPUTF8).
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        value = f'"{quoted}" <{email}>'
+    if len(value.encode()) <= _TO_VALUE:
+        return value
+    # Folded so that no line passes 78 octets and no encoded word 75 characters, however long
+    # the name (RFC 5322, RFC 2047): before the address, and where the name alone is too long,
+    # as encoded words on lines of their own (decoders join them).
+    display = value.removesuffix(f" <{email}>")
+    if len(display.encode()) <= _TO_VALUE:
+        return f"{display}\r\n <{email}>"
+    return "\r\n ".join([*_encoded_words(name), f"<{email}>"])
+
+
+def _encoded_words(text: str) -> Iterator[str]:
+    raw = text.encode()
+    start = 0
+    while start < len(raw):
+        end = min(start + _WORD_OCTETS, len(raw))
+        while end < len(raw) and raw[end] & 0xC0 == 0x80:  # never split a character
+            end -= 1
+        yield f"=?utf-8?b?{base64.b64encode(raw[start:end]).decode()}?="
+        start = end
 
 
 def _header(head: str, name: str) -> str:
