@@ -45,7 +45,7 @@ from mailer.db.models import (
     TrackingEventRow,
 )
 from mailer.inbound import Ours, Policy, Tally, handle
-from mailer.inbound.verdict import judge
+from mailer.inbound.verdict import SCAN_BYTES, judge
 from mailer.stats import send_stats
 from mailer.tokens import Kind, Signer, Token
 from mailer.vocabulary import InboundOutcome
@@ -137,6 +137,24 @@ def test_every_published_sample_is_read_as_flufl_bounce_reads_it() -> None:
         verdict = judge((DATA / name).read_bytes(), OURS)
         assert verdict.outcome == outcome, name
         assert [a for a, _ in verdict.addresses] == ([address] if address else []), name
+
+
+def test_a_huge_message_is_read_as_its_start_says() -> None:
+    # Each sample with 1.8 MB after it, as a returned original with attachments would be: the
+    # heuristics read only the first SCAN_BYTES, and find what they found in the sample alone.
+    filler = b"".join(b"%d quick brown foxes jump over the lazy dog\n" % i for i in range(40_000))
+    assert len(filler) > 4 * SCAN_BYTES
+    for name, addresses, soft in FLUFL:
+        verdict = judge((DATA / "flufl" / name).read_bytes() + filler, OURS)
+        assert verdict.outcome == ("soft" if soft else "hard"), name
+        assert {a for a, _ in verdict.addresses} == {a.lower() for a in addresses}, name
+    for name, outcome, _ in SAMPLES:
+        assert judge((DATA / name).read_bytes() + filler, OURS).outcome == outcome, name
+    assert judge(b"Subject: big\n\n" + filler * 5, OURS).outcome == "unmatched"
+    # That is the bound: a bounce's explanation after SCAN_BYTES of something else goes unread.
+    head, _, body = (DATA / "qmail-failed.eml").read_bytes().partition(b"\n\n")
+    assert judge(head + b"\n\n" + body, OURS).outcome == "hard"
+    assert judge(head + b"\n\n" + filler + body, OURS).outcome == "unmatched"
 
 
 @dataclass

@@ -44,6 +44,10 @@ UNSUBSCRIBE = "unsubscribe"  # ... of the List-Unsubscribe mailto (compose)
 COMPLAINT_TYPES = frozenset({"abuse", "fraud", "virus", "other"})  # not not-spam, auth-failure
 # Where a delivered message says which address it was delivered to (process reads files).
 DELIVERED_TO = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to", "to", "cc")
+# flufl.bounce's heuristics try dozens of patterns on every line, about half a second a
+# megabyte; what they look for comes first (the explanation, then the returned original), so
+# they read no further than this, and a huge message costs no more than a bounce.
+SCAN_BYTES = 256 * 1024
 _TOKEN_ADDRESS = re.compile(r"\b(bounces|unsubscribe)\+([A-Za-z0-9_-]+)@([A-Za-z0-9.-]+)", re.I)
 _STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 _AUTO_HEADERS = (  # present (with any value) on automatic answers only
@@ -142,7 +146,9 @@ def judge(raw: bytes, ours: Ours, recipients: Sequence[str] = ()) -> Verdict:
         outcome: InboundOutcome = "auto_reply" if _automatic(msg) else "unsubscribe"
         return Verdict(outcome, key, unsubscribe, (), ())
 
-    failures = _failures(msg)
+    failures = _failures(
+        msg if len(raw) <= SCAN_BYTES else email.message_from_bytes(raw[:SCAN_BYTES])
+    )
     if failures:
         hard = any(outcome == "hard" for _, outcome, _ in failures)
         statuses = sorted({status for _, _, status in failures if status})
