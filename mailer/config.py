@@ -121,6 +121,25 @@ def _optional_word(value: str) -> str:
     return value.strip()
 
 
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def dns_name(value: str) -> str:
+    """``value`` as a DNS name, without a final dot. A DKIM domain or selector goes as it is
+    into the signature's tags and the record's name, so nothing else may pass (RFC 6376 3.1)."""
+    name = value.strip().removesuffix(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(
+            "must be a DNS name: letters, digits and hyphens between dots (an international "
+            "name in its xn-- form)"
+        )
+    return name
+
+
+def _optional_dns_name(value: str) -> str:
+    return dns_name(value) if value.strip() else ""
+
+
 def _database_url(value: str) -> str:
     scheme = value.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
@@ -563,14 +582,14 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "MAILER_DKIM_DOMAIN",
         "dkim_domain",
-        _optional_word,
+        _optional_dns_name,
         "",
         "Sign every message with DKIM as this domain (d=); empty: unsigned",
     ),
     Field(
         "MAILER_DKIM_SELECTOR",
         "dkim_selector",
-        _optional_word,
+        _optional_dns_name,
         "",
         "DKIM selector (s=): the record is SELECTOR._domainkey.DOMAIN",
     ),
@@ -591,7 +610,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "MAILER_DKIM_ED25519_SELECTOR",
         "dkim_ed25519_selector",
-        _optional_word,
+        _optional_dns_name,
         "",
         "Selector of the Ed25519 key (one key per selector); empty: SELECTOR-ed25519",
     ),

@@ -144,6 +144,15 @@ def test_secret_keys_rotate() -> None:
         ("MAILER_TRACKER_MAX_BODY", "0"),
         ("MAILER_POST_MAX_SIZE", "2 TB"),
         ("MAILER_DATABASE_URL", "postgresql://h:port/db"),
+        # A DKIM name goes as it is into the signature's tags and the DNS record's name.
+        ("MAILER_DKIM_DOMAIN", "example.com;t=y"),
+        ("MAILER_DKIM_DOMAIN", "-example.com"),
+        ("MAILER_DKIM_DOMAIN", "exämple.com"),
+        ("MAILER_DKIM_SELECTOR", "s=1"),
+        ("MAILER_DKIM_SELECTOR", "sé"),
+        ("MAILER_DKIM_SELECTOR", "a..b"),
+        ("MAILER_DKIM_ED25519_SELECTOR", "_ed"),
+        ("MAILER_DKIM_SELECTOR", "x" * 64),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

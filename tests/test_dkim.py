@@ -93,10 +93,13 @@ def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> No
                   "--selector", "s", "--out", str(key))  # fmt: skip
     assert done.returncode == 1 and done.stderr.startswith("error: --out:")
     assert "not overwriting" in done.stderr and key.read_text() == "precious"
-    done = cli(env, tmp_path, "dkim", "keygen", "--domain", "exa mple.com",
-                  "--selector", "s", "--out", str(tmp_path / "new.pem"))  # fmt: skip
-    assert done.returncode == 1 and done.stderr.startswith("error: --domain:")
-    assert not (tmp_path / "new.pem").exists()
+    for option, bad in (("--domain", "exa mple.com"), ("--domain", "-x.com"),
+                        ("--selector", "sé"), ("--selector", "s;t=y")):  # fmt: skip
+        names = {"--domain": "example.com", "--selector": "s", option: bad}
+        args = [word for pair in names.items() for word in pair]
+        done = cli(env, tmp_path, "dkim", "keygen", *args, "--out", str(tmp_path / "new.pem"))
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {option}:"), done
+        assert not (tmp_path / "new.pem").exists()
 
 
 @sqlite_only

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mailer.cli.common import JsonFlag, print_json, settings
+from mailer.config import dns_name
 from mailer.errors import InputError
 
 app = typer.Typer(name="dkim", help="DKIM: make a key, print the DNS records to publish.")
@@ -27,10 +28,13 @@ def keygen(
     """Write a new private key (mode 0600, never over a file) and print its DNS record."""
     from mailer.delivery.dkim import DkimKey, dns_record, generate_key, private_pem
 
-    for name, value in (("--domain", domain), ("--selector", selector)):
-        if not value or any(ch.isspace() or ch in ";=" for ch in value):
-            raise InputError(f"{name}: {value!r} is not a DNS name")
-    key = DkimKey(domain.lower().rstrip("."), selector, generate_key(ed25519_key))
+    names = []
+    for option, value in (("--domain", domain), ("--selector", selector)):
+        try:
+            names.append(dns_name(value))
+        except ValueError as exc:
+            raise InputError(f"{option}: {value!r} {exc}") from None
+    key = DkimKey(names[0].lower(), names[1], generate_key(ed25519_key))
     try:
         # O_EXCL: refuses an existing file; 0600 from the start, never readable by others.
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
