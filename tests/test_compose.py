@@ -46,6 +46,7 @@ READERS = [
     Recipient(6, "christopher.montgomery-richardson@uni.example.edu", "Christopher Montgomery"),
     Recipient(7, "many@example.com", 'Jane "JJ" Doe, PhD ' * 60),
     Recipient(8, "one@example.com", "x" * 1500),
+    Recipient(9, "ctrl@example.com", "Ann\x00Lee\x1b[31m\x7f\x85"),  # controls: spaces
     Recipient(987654321, "long@example.com", "Ä" * 120),
 ]
 
@@ -240,7 +241,9 @@ def test_personalised_message_decodes_exactly(
     )
 
     assert message["To"].addresses[0].addr_spec == reader.email
-    assert to_name(raw) == " ".join((reader.name or "").split())
+    # Control characters become spaces, and white space is folded.
+    assert to_name(raw) == " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", reader.name or "").split())
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", raw)
     to = re.search(rb"^To: .*?\r\n(?![ \t])", raw, re.MULTILINE | re.DOTALL)
     assert to is not None and max(len(line) for line in to.group().split(b"\r\n")) <= 78
     assert message["Subject"] == template.subject

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 NAME_FALLBACK = "reader"
 _TO_VALUE = 78 - len("To: ")  # RFC 5322's line length, where it can be kept
 _WORD_OCTETS = 45  # an RFC 2047 encoded word of 45 octets is 72 characters long
+# Whatever a reader's name holds, no CR, LF, NUL or other control character reaches a header.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _URL_TOKENS = frozenset({"unsubscribe_url", "pixel_url", "view_url"})
 _QP_SAFE = re.compile(rb"[!-<>-~]{0,74}")  # printable ASCII but '=', short enough for one line
 
@@ -176,7 +178,7 @@ class Personaliser:
         sign = self._signer.sign
         base = self._tracker
         unsubscribe = sign(Kind.UNSUBSCRIBE, sub)
-        name = " ".join((recipient.name or "").split())  # no CR/LF can reach a header
+        name = " ".join(_CONTROL.sub(" ", recipient.name or "").split())
         values = {
             "name": name or NAME_FALLBACK,
             "email": recipient.email,
