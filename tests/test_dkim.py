@@ -113,7 +113,12 @@ def test_a_bad_key_is_one_error_at_send_and_fails_the_send_not_a_batch(
         env = environment(db_url, f"redis://127.0.0.1:{free_port()}/0", server.settings().port)
         run_mailer(env, tmp_path, "posts", "add", "post.md")
         send = ["send", "signed", "--segment", "all", "--yes"]
-        for path, reason in (("bad.pem", "is not an unencrypted PEM"), ("gone.pem", "cannot read")):
+        bad_keys = (
+            ("bad.pem", "is not an unencrypted PEM"),
+            ("gone.pem", "cannot read"),
+            ("/dev/zero", "is over 64 KB: not a key"),  # read to its end, it would never end
+        )
+        for path, reason in bad_keys:
             env |= {
                 "MAILER_DKIM_DOMAIN": "example.com",
                 "MAILER_DKIM_SELECTOR": "s",

@@ -44,6 +44,7 @@ SIGNED_HEADERS = (
     "feedback-id",
 )
 RSA_BITS = 2048
+MAX_KEY_BYTES = 64 * 1024  # an RSA key of 16,384 bits is 12 KB of PEM
 
 _WSP_RUN = re.compile(rb"[ \t]+")
 _SPACE_RUN = re.compile(rb"  +")
@@ -64,9 +65,12 @@ class DkimKey:
 def load_key(path: Path, *, domain: str, selector: str, setting: str) -> DkimKey:
     """The private key in ``path`` (PEM: RSA of 2048 bits or more, or Ed25519)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_BYTES + 1)  # not all of /dev/zero, or a disk image
     except OSError as exc:
         raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_KEY_BYTES:
+        raise ConfigError(f"{setting}: {path} is over {MAX_KEY_BYTES // 1024} KB: not a key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
