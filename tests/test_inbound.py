@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import mailbox
+import os
 import shutil
 import smtplib
 import subprocess
@@ -418,17 +419,30 @@ def test_process_refuses_bad_paths_before_handling_anything(
     (tmp_path / "empty.eml").write_bytes(b"")
     (tmp_path / "image.eml").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
     (tmp_path / "notes.txt").write_text("just some notes\nnot mail\n")
+    os.mkfifo(tmp_path / "pipe.eml")  # opened, it would wait for a writer forever
+    (tmp_path / "zero.eml").symlink_to("/dev/zero")  # read, it would never end
+    for box in ("dangling", "nested"):
+        for sub in ("cur", "new", "tmp"):
+            (tmp_path / box / sub).mkdir(parents=True)
+        shutil.copy(good, tmp_path / box / "new" / "1.eml")
+    (tmp_path / "dangling" / "new" / "gone.eml").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "nested" / "new" / "folder").mkdir()
     cases = {
-        "missing.eml": "cannot read",
-        "folder": "not a Maildir",
-        "empty.eml": "empty",
-        "image.eml": "not an email message",
-        "notes.txt": "not an email message",
+        "missing.eml": ("missing.eml", "cannot read"),
+        "folder": ("folder", "not a Maildir"),
+        "empty.eml": ("empty.eml", "empty"),
+        "image.eml": ("image.eml", "not an email message"),
+        "notes.txt": ("notes.txt", "not an email message"),
+        "pipe.eml": ("pipe.eml", "not a file"),
+        "zero.eml": ("zero.eml", "not a file"),
+        # The message in the Maildir that is wrong is named, not only its folder.
+        "dangling": ("dangling/new/gone.eml", "cannot read"),
+        "nested": ("nested/new/folder", "not a file"),
     }
     before = ledger.rows()
-    for name, reason in cases.items():
+    for name, (named, reason) in cases.items():
         done = mailer(tmp_path, "bounces", "process", str(good), str(tmp_path / name), **env)
-        assert_one_error_line(done, str(tmp_path / name), reason)
+        assert_one_error_line(done, str(tmp_path / named), reason)
     assert ledger.rows() == before  # the good file, listed first, was not handled either
     assert ledger.status("gone.reader@gmail.com") == "active"
 

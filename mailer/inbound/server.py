@@ -19,10 +19,9 @@ from sqlalchemy import Engine
 
 from mailer.errors import MailerError
 from mailer.inbound import Policy, handle
+from mailer.inbound.verdict import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 10 * 1024 * 1024  # a bounce returns our message, ~100 KB at most
 
 
 class Handler:

@@ -1,23 +1,25 @@
 """The messages in the paths ``mailer bounces process`` is given.
 
 A path is a Maildir folder (``cur/`` and ``new/``), an mbox file (it starts with ``From ``),
-or one message (an .eml file). ``read`` checks every path, and that every message in it looks
-like mail, before it returns: a bad path or a file that is not mail is one ``InputError``
-naming it, before anything is handled. Messages are read again from disk when handled, so a
-large Maildir is never held in memory. Files are left as they are: handling a message twice
-changes nothing.
+or one message (an .eml file). A message in a file of its own is read up to 10 MB, as much as
+``bounces serve`` takes. ``read`` checks every path, and that every message in it looks like
+mail, before it returns: a bad path or a file that is not mail is one ``InputError`` naming it,
+before anything is handled. Messages are read again from disk when handled, so a large Maildir
+is never held in memory. Files are left as they are: handling a message twice changes nothing.
 """
 
 from __future__ import annotations
 
 import mailbox
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mailer.errors import InputError
+from mailer.inbound.verdict import MAX_MESSAGE_BYTES
 
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's name (RFC 5322) and its colon
 _MBOX = b"From "
@@ -33,16 +35,18 @@ def read(paths: Sequence[Path]) -> list[Item]:
     """Every message of ``paths``, each checked to look like mail."""
     items: list[Item] = []
     for path in paths:
+        where = str(path)
         try:
             found = _items(path)
             for item in found:
-                _check(item.where, item.load())
+                where = item.where
+                _check(where, item.load())
         except InputError:
             raise
         except OSError as exc:
-            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise _unreadable(where, exc) from None
         except (mailbox.Error, UnicodeError, ValueError) as exc:
-            raise InputError(f"{path}: not a mailbox: {exc}") from None
+            raise InputError(f"{where}: not a mailbox: {exc}") from None
         items += found
     return items
 
@@ -51,14 +55,43 @@ def _items(path: Path) -> list[Item]:
     if path.is_dir():
         if not (path / "cur").is_dir() or not (path / "new").is_dir():
             raise InputError(f"{path}: a folder, but not a Maildir (it has no cur/ and new/)")
-        maildir = mailbox.Maildir(path, factory=None, create=False)
-        return [_item(maildir, key, f"{path}/{key}") for key in sorted(maildir.keys())]
-    with path.open("rb") as file:  # raises for a missing or unreadable path
+        # A Maildir's messages are the files in new/ and cur/ (tmp/ holds those being written).
+        found = sorted(
+            entry for sub in ("new", "cur") for entry in (path / sub).iterdir()
+            if not entry.name.startswith(".")
+        )  # fmt: skip
+        return [_file(entry) for entry in found]
+    message = _file(path)  # a FIFO or a device would block or never end: refused unopened
+    with path.open("rb") as file:
         start = file.read(len(_MBOX))
     if start == _MBOX:
         mbox = mailbox.mbox(path, factory=None, create=False)
         return [_item(mbox, key, f"{path}#{n + 1}") for n, key in enumerate(mbox.keys())]
-    return [Item(str(path), path.read_bytes)]
+    return [message]
+
+
+def _file(path: Path) -> Item:
+    """One message in a file of its own, read up to ``MAX_MESSAGE_BYTES`` as ``bounces serve``
+    takes it: more is no bounce."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a file")
+
+    def load() -> bytes:
+        try:
+            with path.open("rb") as file:
+                return file.read(MAX_MESSAGE_BYTES)
+        except OSError as exc:  # gone since it was checked: moved by a mail client, say
+            raise _unreadable(path, exc) from None
+
+    return Item(str(path), load)
+
+
+def _unreadable(where: object, exc: OSError) -> InputError:
+    return InputError(f"{where}: cannot read: {exc.strerror or exc}")
 
 
 def _item(box: mailbox.Mailbox[Any], key: Any, where: str) -> Item:

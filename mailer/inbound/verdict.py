@@ -44,6 +44,7 @@ UNSUBSCRIBE = "unsubscribe"  # ... of the List-Unsubscribe mailto (compose)
 COMPLAINT_TYPES = frozenset({"abuse", "fraud", "virus", "other"})  # not not-spam, auth-failure
 # Where a delivered message says which address it was delivered to (process reads files).
 DELIVERED_TO = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to", "to", "cc")
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024  # a bounce returns our message, ~100 KB at most
 # flufl.bounce's heuristics try dozens of patterns on every line, about half a second a
 # megabyte; what they look for comes first (the explanation, then the returned original), so
 # they read no further than this, and a huge message costs no more than a bounce.
