@@ -50,8 +50,10 @@ demo: venv
 
 # Debian's docker-compose checks docker-compose.yml in the tests; Postfix bounces a send back
 # to `mailer bounces serve` (test_postfix.py runs a private instance; the system's stays off);
-# SpamAssassin scores the sample posts' messages and Chromium lays them out.
-TEST_TOOLS := /usr/bin/docker-compose /usr/sbin/postfix /usr/bin/spamassassin /usr/bin/chromium
+# SpamAssassin scores the sample posts' messages and Chromium lays them out; BIND's
+# named-checkzone loads the DNS records `mailer dkim check` prints.
+TEST_TOOLS := /usr/bin/docker-compose /usr/sbin/postfix /usr/bin/spamassassin /usr/bin/chromium \
+	/usr/bin/named-checkzone
 
 # The outage scenarios (-m outage) spend most of their time waiting out the faults they inject,
 # so they run beside the rest of the suite; their report is printed after the suite's. The suite
@@ -104,6 +106,9 @@ $(BENCH_TOOLS):
 
 /usr/bin/chromium:
 	$(APT_INSTALL) chromium
+
+/usr/bin/named-checkzone:
+	$(APT_INSTALL) bind9-utils
 
 # doiuse-email (npm) in a folder of its own, pinned; the report never fetches anything itself.
 DOIUSE := .tools/node_modules/@jsx-email/doiuse-email/package.json

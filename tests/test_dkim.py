@@ -7,12 +7,15 @@ import email
 import email.policy
 import json
 import os
+import re
 import stat
+import subprocess
 from email.message import EmailMessage
 from pathlib import Path
 
 import dkim
 import pytest
+import spf
 from conftest import sqlite_only
 from helpers import cli, dev_env, free_port, run_mailer
 from smtp_servers import serve
@@ -34,6 +37,40 @@ def keygen(env: dict[str, str], cwd: Path, out: Path, *extra: str) -> dict[str, 
     args = ["dkim", "keygen", "--domain", "example.com", "--out", str(out), "--json", *extra]
     found: dict[str, str] = json.loads(run_mailer(env, cwd, *args))
     return found
+
+
+def zone_records(lines: str, folder: Path) -> dict[str, str]:
+    """Each record of ``lines`` (a zone file's, as `mailer dkim check` prints them), once BIND's
+    own checker has loaded them into a zone: its name and its TXT strings joined, as a resolver
+    hands them to a verifier (RFC 6376 3.6.2.2)."""
+    zone = folder / "example.com.zone"
+    zone.write_text(
+        "$TTL 3600\n"
+        "example.com. IN SOA ns1.example.com. hostmaster.example.com. 1 3600 600 86400 3600\n"
+        "example.com. IN NS ns1.example.com.\n"
+        f"ns1.example.com. IN A 192.0.2.1\n{lines}"
+    )
+    checked = subprocess.run(
+        ["named-checkzone", "example.com", str(zone)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    records = {}
+    for line in lines.splitlines():
+        name, _, data = line.partition(" IN TXT ")
+        strings = re.findall(r'"([^"]*)"', data)  # the comment after them holds no quote
+        assert strings and all(len(string) <= 255 for string in strings), line
+        records[name] = "".join(strings)
+    return records
+
+
+def spf_verdict(record: str, client: str) -> str:
+    """pyspf's verdict on mail from ``client`` under ``record`` (strict: a syntax error is a
+    permerror); DNS answers nothing, so only the record's own mechanisms can match."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spf, "DNSLookup", lambda *args, **kwargs: [])
+        query = spf.query(i=client, s="news@example.com", h="mx.example.com", strict=True)
+        verdict, _, _ = query.check(spf=record)
+    return str(verdict)
 
 
 @sqlite_only
@@ -62,8 +99,13 @@ def test_every_message_of_a_send_verifies_with_both_keys(
             "MAILER_DKIM_ED25519_KEY_FILE": str(tmp_path / "ed.pem"),
         }
         records = run_mailer(env, tmp_path, "dkim", "check")
-        assert "v=spf1" in records and "_dmarc.example.com" in records
-        assert rsa["record_value"] in records
+        published_as = zone_records(records, tmp_path)
+        assert published_as["r2026._domainkey.example.com."] == rsa["record_value"]
+        assert published_as["r2026-ed25519._domainkey.example.com."] == ed["record_value"]
+        assert published_as["_dmarc.example.com."].startswith("v=DMARC1; p=none;")
+        # The relay is 127.0.0.1: SPF's a: takes no address (RFC 7208), ip4: does.
+        assert spf_verdict(published_as["example.com."], "127.0.0.1") == "pass"
+        assert spf_verdict(published_as["example.com."], "192.0.2.9") == "softfail"
         run_mailer(env, tmp_path, "posts", "add", "post.md")
         run_mailer(env, tmp_path, "send", "signed", "--segment", "all", "--yes")
         messages = server.handler.messages
@@ -100,6 +142,12 @@ def test_keygen_refuses_to_overwrite_and_names_a_bad_input(tmp_path: Path) -> No
         done = cli(env, tmp_path, "dkim", "keygen", *args, "--out", str(tmp_path / "new.pem"))
         assert done.returncode == 1 and done.stderr.startswith(f"error: {option}:"), done
         assert not (tmp_path / "new.pem").exists()
+    # Without --json, the record as a zone file's line, which BIND loads.
+    written = run_mailer(env, tmp_path, "dkim", "keygen", "--domain", "Example.COM.",
+                         "--selector", "s", "--out", str(tmp_path / "new.pem"))  # fmt: skip
+    instructions, record = written.strip().splitlines()
+    assert instructions == f"wrote {tmp_path / 'new.pem'}; publish this TXT record:"
+    assert zone_records(record, tmp_path)["s._domainkey.example.com."].startswith("v=DKIM1; k=rsa")
 
 
 @sqlite_only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -49,12 +50,13 @@ def keygen(
         print_json({"key_file": str(out), "record_name": name, "record_value": value})
         return
     typer.echo(f"wrote {out}; publish this TXT record:")
-    typer.echo(f'{name}. IN TXT "{value}"')
+    typer.echo(f"{name}. IN TXT {zone_text(value)}")
 
 
 @app.command()
 def check() -> None:
-    """Read the configured key and print the SPF, DKIM and DMARC records to publish."""
+    """Read the configured key and print the SPF, DKIM and DMARC records to publish, as lines
+    of a zone file."""
     from mailer.delivery.dkim import dns_record, signer_from_settings
 
     config = settings()
@@ -65,8 +67,26 @@ def check() -> None:
             "MAILER_DKIM_KEY_FILE (`mailer dkim keygen` makes a key)"
         )
     domain = config.dkim_domain
-    typer.echo(f'{domain}. IN TXT "v=spf1 mx a:{config.smtp.host} ~all"  (SPF: your SMTP relay)')
+    spf = zone_text(f"v=spf1 mx {_spf_host(config.smtp.host)} ~all")
+    typer.echo(f"{domain}. IN TXT {spf}  ; SPF: your SMTP relay")
     for key in signer.keys:
         name, value = dns_record(key)
-        typer.echo(f'{name}. IN TXT "{value}"  (DKIM, {key.algorithm})')
-    typer.echo(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:dmarc@{domain}"  (DMARC)')
+        typer.echo(f"{name}. IN TXT {zone_text(value)}  ; DKIM, {key.algorithm}")
+    dmarc = zone_text(f"v=DMARC1; p=none; rua=mailto:dmarc@{domain}")
+    typer.echo(f"_dmarc.{domain}. IN TXT {dmarc}  ; DMARC")
+
+
+def zone_text(value: str) -> str:
+    """``value`` as a zone file writes TXT data: quoted strings of at most 255 characters
+    (RFC 1035; an RSA-2048 DKIM key is ~400), which resolvers join again (RFC 6376 3.6.2.2)."""
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
+def _spf_host(host: str) -> str:
+    """The SPF mechanism for the relay: ``a:`` takes a name only (RFC 7208 5.3), an address
+    goes in ``ip4:`` or ``ip6:``."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return f"a:{host}"
+    return f"ip{address.version}:{address}"
