@@ -46,7 +46,8 @@ from mailer.db.models import (
     TrackingEventRow,
 )
 from mailer.inbound import Ours, Policy, Tally, handle
-from mailer.inbound.verdict import SCAN_BYTES, judge
+from mailer.inbound.sources import read
+from mailer.inbound.verdict import MAX_MESSAGE_BYTES, SCAN_BYTES, judge
 from mailer.stats import send_stats
 from mailer.tokens import Kind, Signer, Token
 from mailer.vocabulary import InboundOutcome
@@ -156,6 +157,18 @@ def test_a_huge_message_is_read_as_its_start_says() -> None:
     head, _, body = (DATA / "qmail-failed.eml").read_bytes().partition(b"\n\n")
     assert judge(head + b"\n\n" + body, OURS).outcome == "hard"
     assert judge(head + b"\n\n" + filler + body, OURS).outcome == "unmatched"
+
+
+def test_each_message_is_read_up_to_what_serve_takes(tmp_path: Path) -> None:
+    message = b"Subject: big\n\n" + (b"x" * 79 + b"\n") * (MAX_MESSAGE_BYTES // 80 + 1)
+    (tmp_path / "big.eml").write_bytes(message)
+    (tmp_path / "big.mbox").write_bytes(b"From MAILER-DAEMON Tue Dec  1 09:00:00 2026\n" + message)
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / "box" / sub).mkdir(parents=True)
+    (tmp_path / "box" / "new" / "1").write_bytes(message)
+    for name in ("big.eml", "big.mbox", "box"):
+        with read([tmp_path / name]) as items:
+            assert [item.load() for item in items] == [message[:MAX_MESSAGE_BYTES]], name
 
 
 @dataclass

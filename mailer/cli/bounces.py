@@ -63,10 +63,10 @@ def process(
     from mailer.inbound import Policy, Tally, handle
     from mailer.inbound.sources import read
 
-    items = read(paths)
-    policy = Policy.from_settings(settings())
-    database = engine()
-    tally = Tally.of(handle(database, item.load(), policy) for item in items)
+    with read(paths) as items:
+        policy = Policy.from_settings(settings())
+        database = engine()
+        tally = Tally.of(handle(database, item.load(), policy) for item in items)
     if as_json:
         print_json(dataclasses.asdict(tally))
         return

@@ -1,19 +1,20 @@
 """The messages in the paths ``mailer bounces process`` is given.
 
 A path is a Maildir folder (``cur/`` and ``new/``), an mbox file (it starts with ``From ``),
-or one message (an .eml file). A message in a file of its own is read up to 10 MB, as much as
-``bounces serve`` takes. ``read`` checks every path, and that every message in it looks like
-mail, before it returns: a bad path or a file that is not mail is one ``InputError`` naming it,
-before anything is handled. Messages are read again from disk when handled, so a large Maildir
-is never held in memory. Files are left as they are: handling a message twice changes nothing.
+or one message (an .eml file). Each message is read up to 10 MB, as much as ``bounces serve``
+takes. ``read`` checks every path, and that every message in it looks like mail, before it
+returns: a bad path or a file that is not mail is one ``InputError`` naming it, before anything
+is handled. Messages are read again from disk when handled, so a large Maildir is never held in
+memory. Files are left as they are: handling a message twice changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,20 @@ class Item:
     load: Callable[[], bytes]
 
 
-def read(paths: Sequence[Path]) -> list[Item]:
-    """Every message of ``paths``, each checked to look like mail."""
+@contextlib.contextmanager
+def read(paths: Sequence[Path]) -> Iterator[list[Item]]:
+    """Every message of ``paths``, each checked to look like mail; the mbox files stay open
+    until the block ends."""
+    with contextlib.ExitStack() as opened:
+        yield _read(paths, opened)
+
+
+def _read(paths: Sequence[Path], opened: contextlib.ExitStack) -> list[Item]:
     items: list[Item] = []
     for path in paths:
         where = str(path)
         try:
-            found = _items(path)
+            found = _items(path, opened)
             for item in found:
                 where = item.where
                 _check(where, item.load())
@@ -51,7 +59,7 @@ def read(paths: Sequence[Path]) -> list[Item]:
     return items
 
 
-def _items(path: Path) -> list[Item]:
+def _items(path: Path, opened: contextlib.ExitStack) -> list[Item]:
     if path.is_dir():
         if not (path / "cur").is_dir() or not (path / "new").is_dir():
             raise InputError(f"{path}: a folder, but not a Maildir (it has no cur/ and new/)")
@@ -66,6 +74,7 @@ def _items(path: Path) -> list[Item]:
         start = file.read(len(_MBOX))
     if start == _MBOX:
         mbox = mailbox.mbox(path, factory=None, create=False)
+        opened.callback(mbox.close)
         return [_item(mbox, key, f"{path}#{n + 1}") for n, key in enumerate(mbox.keys())]
     return [message]
 
@@ -94,8 +103,14 @@ def _unreadable(where: object, exc: OSError) -> InputError:
     return InputError(f"{where}: cannot read: {exc.strerror or exc}")
 
 
-def _item(box: mailbox.Mailbox[Any], key: Any, where: str) -> Item:
-    return Item(where, lambda: box.get_bytes(key))
+def _item(box: mailbox.mbox, key: Any, where: str) -> Item:
+    """One message of an mbox, read up to ``MAX_MESSAGE_BYTES`` as a file's is."""
+
+    def load() -> bytes:
+        with box.get_file(key) as file:
+            return file.read(MAX_MESSAGE_BYTES)
+
+    return Item(where, load)
 
 
 def _check(where: str, raw: bytes) -> None:
