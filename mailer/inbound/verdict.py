@@ -38,6 +38,9 @@ from mailer.tokens import PREVIEW_SEND_ID, Kind, Signer, Token
 from mailer.vocabulary import InboundOutcome
 
 log = logging.getLogger(__name__)
+# flufl.bounce logs each detector it runs, and a traceback for each one that fails, which
+# _failures reports in one line of its own.
+logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 BOUNCES = "bounces"  # local part before the + of the VERP return path (delivery.personalise)
 UNSUBSCRIBE = "unsubscribe"  # ... of the List-Unsubscribe mailto (compose)
@@ -147,9 +150,7 @@ def judge(raw: bytes, ours: Ours, recipients: Sequence[str] = ()) -> Verdict:
         outcome: InboundOutcome = "auto_reply" if _automatic(msg) else "unsubscribe"
         return Verdict(outcome, key, unsubscribe, (), ())
 
-    failures = _failures(
-        msg if len(raw) <= SCAN_BYTES else email.message_from_bytes(raw[:SCAN_BYTES])
-    )
+    failures = _failures(_for_heuristics(msg, raw))
     if failures:
         hard = any(outcome == "hard" for _, outcome, _ in failures)
         statuses = sorted({status for _, _, status in failures if status})
@@ -210,6 +211,18 @@ def _feedback_report(msg: Message) -> Message | None:
         if part.get_content_type() == "message/feedback-report":
             return _sub_message(part)
     return None
+
+
+def _for_heuristics(msg: Message, raw: bytes) -> Message:
+    """What flufl.bounce's detectors read: the first ``SCAN_BYTES``, with a From header. One
+    of them fails on a message without one, and a failure ends every detector's turn."""
+    has_sender = bool(getaddresses([str(msg.get("from") or "")]))
+    if has_sender and len(raw) <= SCAN_BYTES:
+        return msg
+    scanned = email.message_from_bytes(raw[:SCAN_BYTES])  # a copy: msg stays as it came
+    if not has_sender:
+        scanned["From"] = "<>"
+    return scanned
 
 
 def _failures(msg: Message) -> list[tuple[str, InboundOutcome, str]]:
