@@ -29,7 +29,9 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from email.header import Header
 from email.message import Message
+from email.policy import Compat32
 from email.utils import getaddresses, parseaddr
 
 from flufl.bounce import all_failures
@@ -213,14 +215,29 @@ def _feedback_report(msg: Message) -> Message | None:
     return None
 
 
+class _TextHeaders(Compat32):
+    """compat32, but a header holding raw 8-bit bytes reads as text (undecodable bytes as
+    U+FFFD), not as a ``Header``: flufl.bounce's detectors call str methods on headers."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_TEXT_HEADERS = _TextHeaders()
+
+
 def _for_heuristics(msg: Message, raw: bytes) -> Message:
-    """What flufl.bounce's detectors read: the first ``SCAN_BYTES``, with a From header. One
-    of them fails on a message without one, and a failure ends every detector's turn."""
+    """What flufl.bounce's detectors read: the first ``SCAN_BYTES``, with text headers and a
+    From. A detector fails on a message without From or with 8-bit bytes in it, and one
+    detector's failure ends every detector's turn."""
     has_sender = bool(getaddresses([str(msg.get("from") or "")]))
-    if has_sender and len(raw) <= SCAN_BYTES:
+    text = not any(isinstance(value, Header) for value in msg.values())
+    if has_sender and text and len(raw) <= SCAN_BYTES:
         return msg
-    scanned = email.message_from_bytes(raw[:SCAN_BYTES])  # a copy: msg stays as it came
+    # A copy: msg stays as it came.
+    scanned = email.message_from_bytes(raw[:SCAN_BYTES], policy=_TEXT_HEADERS)
     if not has_sender:
+        del scanned["From"]
         scanned["From"] = "<>"
     return scanned
 
