@@ -231,7 +231,7 @@ def _for_heuristics(msg: Message, raw: bytes) -> Message:
     From. A detector fails on a message without From or with 8-bit bytes in it, and one
     detector's failure ends every detector's turn."""
     has_sender = bool(getaddresses([str(msg.get("from") or "")]))
-    text = not any(isinstance(value, Header) for value in msg.values())
+    text = not any(isinstance(value, Header) for part in msg.walk() for value in part.values())
     if has_sender and text and len(raw) <= SCAN_BYTES:
         return msg
     # A copy: msg stays as it came.
