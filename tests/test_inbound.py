@@ -164,6 +164,21 @@ def test_a_bounce_without_a_plain_from_header_is_read_all_the_same(
         assert {a for a, _ in verdict.addresses} == {a.lower() for a in addresses}, (change, name)
 
 
+def test_a_part_described_in_8_bit_bytes_hides_no_bounce() -> None:
+    # A part before Postfix's notification, described in raw UTF-8 as a localised server
+    # might: the detector that reads each part's description failed on it, and with it all.
+    for name, addresses, _ in FLUFL:
+        if not name.startswith("postfix_"):
+            continue
+        raw = (DATA / "flufl" / name).read_bytes()
+        first = raw.index(b"\n--", raw.index(b"boundary=")) + 1
+        boundary = raw[first : raw.index(b"\n", first)]
+        part = boundary + b"\nContent-Description: R\xc3\xa9sum\xc3\xa9\n\nsee below\n\n"
+        verdict = judge(raw[:first] + part + raw[first:], OURS)
+        assert verdict.outcome == "hard", name
+        assert {a for a, _ in verdict.addresses} == {a.lower() for a in addresses}, name
+
+
 def test_a_huge_message_is_read_as_its_start_says() -> None:
     # Each sample with 1.8 MB after it, as a returned original with attachments would be: the
     # heuristics read only the first SCAN_BYTES, and find what they found in the sample alone.
