@@ -50,7 +50,7 @@ def keygen(
         print_json({"key_file": str(out), "record_name": name, "record_value": value})
         return
     typer.echo(f"wrote {out}; publish this TXT record:")
-    typer.echo(f"{name}. IN TXT {zone_text(value)}")
+    typer.echo(f"{name}. IN TXT {_zone_text(value)}")
 
 
 @app.command()
@@ -67,16 +67,16 @@ def check() -> None:
             "MAILER_DKIM_KEY_FILE (`mailer dkim keygen` makes a key)"
         )
     domain = config.dkim_domain
-    spf = zone_text(f"v=spf1 mx {_spf_host(config.smtp.host)} ~all")
+    spf = _zone_text(f"v=spf1 mx {_spf_host(config.smtp.host)} ~all")
     typer.echo(f"{domain}. IN TXT {spf}  ; SPF: your SMTP relay")
     for key in signer.keys:
         name, value = dns_record(key)
-        typer.echo(f"{name}. IN TXT {zone_text(value)}  ; DKIM, {key.algorithm}")
-    dmarc = zone_text(f"v=DMARC1; p=none; rua=mailto:dmarc@{domain}")
+        typer.echo(f"{name}. IN TXT {_zone_text(value)}  ; DKIM, {key.algorithm}")
+    dmarc = _zone_text(f"v=DMARC1; p=none; rua=mailto:dmarc@{domain}")
     typer.echo(f"_dmarc.{domain}. IN TXT {dmarc}  ; DMARC")
 
 
-def zone_text(value: str) -> str:
+def _zone_text(value: str) -> str:
     """``value`` as a zone file writes TXT data: quoted strings of at most 255 characters
     (RFC 1035; an RSA-2048 DKIM key is ~400), which resolvers join again (RFC 6376 3.6.2.2)."""
     return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
